@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Ask the served model over gRPC with tritonclient's streaming API.
+
+  python client_grpc.py "What is Triton?"
+  python client_grpc.py --stream --max-tokens 64 "Tell me a story"
+  python client_grpc.py --url my-host:8001 --ssl --header authorization="Bearer T" "Hi"
+
+Exit codes: 0 ok, 1 a request was rejected, 2 bad usage, 3 server unreachable,
+4 model unknown or not ready, 130 interrupted (requests cancelled on the server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import uuid
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from serving import client
+from serving.client import Chunk, ClientError, RequestFailed
+
+STREAMS: list[grpcclient.InferenceServerClient] = []
+
+
+def connect(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
+    root = args.root_certificates.read_bytes() if args.root_certificates else None
+    return grpcclient.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=root)
+
+
+def headers(args: argparse.Namespace) -> dict:
+    pairs = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ClientError(client.USAGE, f"--header expects NAME=VALUE, got {item!r}")
+        pairs[key.lower()] = value
+    return pairs
+
+
+def check_model(args: argparse.Namespace) -> None:
+    try:
+        conn = connect(args)
+        live = conn.is_server_live(headers=headers(args))
+    except InferenceServerException as exc:
+        raise ClientError(client.UNREACHABLE, f"no Triton server at {args.url} ({exc.message()}); is it running? ./start_triton.sh") from None
+    if not live:
+        raise ClientError(client.UNREACHABLE, f"the Triton server at {args.url} is not live")
+    try:
+        ready = conn.is_model_ready(args.model, headers=headers(args))
+    except InferenceServerException:
+        ready = False
+    if not ready:
+        raise ClientError(client.NOT_READY, f"model '{args.model}' is not ready on {args.url}; check the name with --model and the server log")
+    conn.close()
+
+
+def tensor(name: str, value) -> grpcclient.InferInput:
+    array = np.array([value], dtype=np.object_ if isinstance(value, (str, bytes)) else bool)
+    if array.dtype == np.object_:
+        array = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in array], dtype=np.object_)
+    inp = grpcclient.InferInput(name, [1], "BYTES" if array.dtype == np.object_ else "BOOL")
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def request_inputs(prompt: str, messages, stream: bool, params: dict) -> list[grpcclient.InferInput]:
+    inputs = [
+        tensor("text_input", prompt),
+        tensor("stream", stream),
+        tensor("exclude_input_in_output", True),
+        tensor("sampling_parameters", json.dumps(params)),
+        tensor("return_finish_reason", True),
+        tensor("return_num_input_tokens", True),
+        tensor("return_num_output_tokens", True),
+    ]
+    if messages is not None:
+        inputs.append(tensor("messages", json.dumps(messages)))
+    return inputs
+
+
+def to_chunk(result) -> Chunk:
+    def first(name):
+        array = result.as_numpy(name)
+        return None if array is None or array.size == 0 else array.reshape(-1)[0]
+
+    text = first("text_output")
+    reason = first("finish_reason")
+    n_in, n_out = first("num_input_tokens"), first("num_output_tokens")
+    return Chunk(
+        text=text.decode("utf-8") if isinstance(text, bytes) else (text or ""),
+        finish_reason=(reason.decode() if isinstance(reason, bytes) else reason) or None,
+        num_input_tokens=None if n_in is None else int(n_in),
+        num_output_tokens=None if n_out is None else int(n_out),
+    )
+
+
+def make_generate(args: argparse.Namespace, params: dict):
+    check_model(args)
+    extra_headers = headers(args)
+
+    def generate(prompt, messages):
+        responses: queue.Queue = queue.Queue()
+        conn = connect(args)
+        STREAMS.append(conn)
+        try:
+            conn.start_stream(callback=lambda result, error: responses.put((result, error)), headers=extra_headers)
+            conn.async_stream_infer(
+                args.model,
+                request_inputs(prompt, messages, args.stream, params),
+                request_id=uuid.uuid4().hex,
+                enable_empty_final_response=True,
+            )
+            while True:
+                try:
+                    result, error = responses.get(timeout=args.timeout)
+                except queue.Empty:
+                    raise RequestFailed(f"no response within {args.timeout:.0f} s") from None
+                if error is not None:
+                    raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
+                response = result.get_response()
+                if response.outputs:
+                    yield to_chunk(result)
+                if response.parameters["triton_final_response"].bool_param:
+                    return
+        finally:
+            STREAMS.remove(conn)
+            conn.stop_stream(cancel_requests=True)
+            conn.close()
+
+    return generate
+
+
+def cancel_all() -> None:
+    for conn in list(STREAMS):
+        conn.stop_stream(cancel_requests=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    client.add_common_args(parser, default_url="localhost:8001")
+    tls = parser.add_argument_group("remote servers")
+    tls.add_argument("--ssl", action="store_true", help="connect with TLS")
+    tls.add_argument("--root-certificates", type=__import__("pathlib").Path, help="PEM file of CA certificates for --ssl")
+    tls.add_argument("-H", "--header", action="append", default=[], metavar="NAME=VALUE", help="extra gRPC metadata header (repeatable)")
+    return client.main(parser, make_generate, argv, on_interrupt=cancel_all)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""The one writer of a model's Triton files: ``config.pbtxt``, ``1/model.json``, ``1/model.py``.
+
+``prepare_qwen_pt.py`` calls ``write_model`` with the engine arguments made by
+``engine_args``; the model reads ``model.json`` once at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODEL_TEMPLATE = PROJECT_ROOT / "model_template.py"
+
+# Defaults that fit the reference card, an RTX 3060 Ti with 8 GB: Qwen2.5-0.5B's
+# weights take about 1 GB, the rest is KV cache and CUDA graphs.
+GPU_DEFAULTS = {
+    "gpu_memory_utilization": 0.85,
+    "max_model_len": 4096,
+    "max_num_seqs": 64,
+    "dtype": "auto",
+    "tensor_parallel_size": 1,
+    "enforce_eager": False,
+}
+
+# On the CPU ``gpu_memory_utilization`` is the share of the NUMA node's memory
+# reserved for the KV cache; eager mode starts several times faster there.
+CPU_DEFAULTS = {
+    "gpu_memory_utilization": 0.2,
+    "max_model_len": 2048,
+    "max_num_seqs": 64,
+    "dtype": "bfloat16",
+    "tensor_parallel_size": 1,
+    "enforce_eager": True,
+}
+
+
+def engine_args(model_path: str, device: str, overrides: dict | None = None) -> dict:
+    """vLLM engine arguments for ``model.json``: device defaults, then overrides."""
+    defaults = GPU_DEFAULTS if device == "gpu" else CPU_DEFAULTS
+    args = {"model": model_path, **defaults, "disable_log_stats": False}
+    args.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return args
+
+
+def config_pbtxt(name: str, instance_kind: str = "KIND_MODEL", metrics: bool = True) -> str:
+    """A few lines: the model fills in its inputs and outputs (auto-complete)."""
+    return f"""name: "{name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: true }}
+instance_group [{{ count: 1, kind: {instance_kind} }}]
+parameters: {{ key: "REPORT_CUSTOM_METRICS", value: {{ string_value: "{str(metrics).lower()}" }} }}
+"""
+
+
+def write_model(
+    repository: Path,
+    name: str,
+    args: dict,
+    instance_kind: str = "KIND_MODEL",
+    metrics: bool = True,
+) -> Path:
+    """Create or refresh ``repository/name``; weights elsewhere are left untouched."""
+    model_dir = repository / name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics))
+    (version_dir / "model.json").write_text(json.dumps(args, indent=2) + "\n")
+    shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
+    return model_dir
+
+
+def detect_device() -> str:
+    """'gpu' when an NVIDIA GPU answers ``nvidia-smi -L``, else 'cpu'."""
+    import subprocess
+
+    try:
+        subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return "gpu"

@@ -1,0 +1,91 @@
+"""A small offline model of the Qwen2 architecture, for tests and air-gapped trials.
+
+Random weights, a byte-level BPE tokenizer trained on a few sentences, and
+Qwen2.5-Instruct's chat template (``<|im_start|>role ... <|im_end|>``). It is a
+few MB, made in seconds, and needs no model hub. Its answers are noise, but
+deterministic at temperature 0, which is what tests need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# Qwen2.5-Instruct's template, trimmed of tool calling.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Triton Inference Server serves models over HTTP and gRPC.",
+    "vLLM batches requests continuously and pages its key-value cache.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Write a short poem about the sea, the wind and the stars.",
+    "Large language models predict the next token from the previous ones.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "你好，世界。今天天气很好。",
+    "0123456789 + - * / = ( ) [ ] { } < > : ; , . ! ? ' \"",
+]
+
+VOCAB_SIZE = 1024
+MAX_POSITIONS = 2048
+
+
+def make_tokenizer(out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a Qwen2ForCausalLM with random weights and its tokenizer to ``out_dir``."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head_dim 64: the CPU attention kernels need it
+        num_key_value_heads=1,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        torch_dtype="bfloat16",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    return out_dir

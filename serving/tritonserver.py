@@ -1,0 +1,299 @@
+"""Install, start and stop a local Triton Inference Server without Docker.
+
+The server comes from the ``nvidia-pytriton`` wheel, which carries a complete
+Triton 2.51 build with its Python backend. ``LocalServer`` is the one launcher
+used by ``start_triton.sh``'s local mode, the tests and the benchmark.
+
+    python -m serving.tritonserver install WHEEL DEST
+    python -m serving.tritonserver start --model-repository DIR [...]
+    python -m serving.tritonserver stop [--pid-file FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VENV = PROJECT_ROOT / ".venv"
+DEFAULT_LOG = PROJECT_ROOT / "logs" / "tritonserver.log"
+DEFAULT_PID_FILE = PROJECT_ROOT / "logs" / "tritonserver.pid"
+WHEEL_PREFIX = "pytriton/tritonserver/"
+WHEEL_LIBS = "nvidia_pytriton.libs/"
+
+
+class ServerError(RuntimeError):
+    """The server could not be started, or died while starting."""
+
+
+def install(wheel: Path, dest: Path) -> Path:
+    """Unpack the Triton build of an nvidia-pytriton wheel into ``dest``.
+
+    Keeps the exec bits that ``zipfile`` drops, and puts the Python-backend
+    stub matching this interpreter where the backend looks for it.
+    """
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            for prefix, target in ((WHEEL_PREFIX, tmp), (WHEEL_LIBS, tmp / "lib")):
+                if info.filename.startswith(prefix) and not info.is_dir():
+                    path = target / info.filename[len(prefix) :]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(archive.read(info))
+                    mode = (info.external_attr >> 16) & 0o777
+                    path.chmod((mode or 0o644) & 0o755)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = tmp / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"{wheel.name} has no Python-backend stub for Python {version}")
+    shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest / "bin" / "tritonserver"
+
+
+@dataclass
+class LocalServer:
+    """A ``tritonserver`` process serving a model repository on this machine.
+
+    Use as a context manager, or call ``start()``/``stop()``. ``start`` returns
+    once ``/v2/health/ready`` answers 200 and raises ``ServerError`` at once if
+    the process exits first.
+    """
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    venv: Path = DEFAULT_VENV
+    log_file: Path = DEFAULT_LOG
+    api_key: str = ""
+    exit_timeout_s: int = 30
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.venv / "tritonserver"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(self.triton_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.triton_dir / 'backends'}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            "--log-verbose=0",
+        ]
+        if self.api_key:
+            restricted = f"model-repository,shared-memory,trace,logging:x-triton-key={self.api_key}"
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-api={restricted}"]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        """The stub embeds the first ``python3`` on PATH: make it the venv's."""
+        env = dict(os.environ)
+        libdirs = [str(self.triton_dir / "lib"), sysconfig.get_config_var("LIBDIR") or ""]
+        if env.get("LD_LIBRARY_PATH"):
+            libdirs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(d for d in libdirs if d)
+        env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
+        env.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+        return env
+
+    def start(self, timeout_s: float = 600) -> LocalServer:
+        if not (self.triton_dir / "bin" / "tritonserver").is_file():
+            raise ServerError(f"no Triton build under {self.triton_dir}: run scripts/setup.sh")
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            if port_in_use(self.host, port):
+                raise ServerError(
+                    f"port {port} on {self.host} is already in use: stop the other server "
+                    "(./start_triton.sh --stop) or choose other ports (HTTP_PORT, GRPC_PORT, METRICS_PORT)"
+                )
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        print("starting:", " ".join(self.command()), file=sys.stderr)
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"last lines of {self.log_file}:\n{tail(self.log_file)}"
+                )
+            if is_ready(self.url):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_file}")
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        code = stop_process_group(self.process.pid, self.exit_timeout_s + 15)
+        self.process.wait()
+        return code
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
+def is_ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def stop_process_group(pid: int, timeout_s: float) -> int | None:
+    """SIGTERM the server's process group, SIGKILL whatever is left after the timeout.
+
+    The group holds the stub and vLLM's engine processes too, so nothing is
+    left behind. Returns the signal that ended it, or None if it was gone.
+    """
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return None if sig == signal.SIGTERM else signal.SIGTERM
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return sig
+            _reap(pid)
+            time.sleep(0.2)
+    return signal.SIGKILL
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _cli_start(args: argparse.Namespace) -> int:
+    server = LocalServer(
+        model_repository=args.model_repository.resolve(),
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        venv=args.venv.resolve(),
+        log_file=args.log_file.resolve(),
+        api_key=args.api_key,
+    )
+    try:
+        server.start(args.timeout)
+    except (ServerError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    args.pid_file.write_text(f"{server.process.pid}\n")
+    return 0
+
+
+def _cli_stop(args: argparse.Namespace) -> int:
+    try:
+        pid = int(args.pid_file.read_text())
+    except (OSError, ValueError):
+        print(f"no running local server recorded in {args.pid_file}", file=sys.stderr)
+        return 0
+    code = stop_process_group(pid, args.timeout)
+    args.pid_file.unlink(missing_ok=True)
+    if code is None:
+        print("the local server had already exited", file=sys.stderr)
+    elif code == signal.SIGKILL:
+        print(f"tritonserver did not exit within {args.timeout:.0f} s and was killed", file=sys.stderr)
+    else:
+        print("tritonserver stopped", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("install", help="unpack Triton from an nvidia-pytriton wheel")
+    p.add_argument("wheel", type=Path, help="path of the nvidia_pytriton-*.whl file")
+    p.add_argument("dest", type=Path, help="folder to create (replaced if it exists)")
+
+    p = sub.add_parser("start", help="start tritonserver in the background and wait until ready")
+    p.add_argument("--model-repository", type=Path, required=True, help="Triton model repository folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="project virtual environment")
+    p.add_argument("--log-file", type=Path, default=DEFAULT_LOG, help="server log (appended)")
+    p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="where to record the server's pid")
+    p.add_argument("--api-key", default="", help="key that guards the model-control and shared-memory APIs")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+
+    p = sub.add_parser("stop", help="stop the server recorded in the pid file")
+    p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="pid file written by start")
+    p.add_argument("--timeout", type=float, default=45, help="seconds before SIGKILL")
+
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        print(install(args.wheel, args.dest))
+        return 0
+    return _cli_start(args) if args.command == "start" else _cli_stop(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Serve model_repository/ with Triton Inference Server + vLLM, in Docker or locally.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: ./start_triton.sh [--mode auto|local|docker] [--tiny] [--name NAME] [--public]
+                         [--api-key KEY] [--dry-run] [--stop]
+
+Sets up what is missing (the .venv environment, the model repository), starts
+tritonserver in the background, waits until /v2/health/ready answers and prints
+the endpoints. The server log is logs/tritonserver.log.
+
+Options:
+  --mode MODE    local:  tritonserver from .venv (no Docker needed; CPU or GPU)
+                 docker: the pinned NVIDIA Triton image with vLLM (needs an NVIDIA GPU)
+                 auto:   docker when a Docker engine and an NVIDIA GPU are present,
+                         local otherwise (default)
+  --tiny         if no model is prepared yet, make the small offline test model
+                 instead of downloading Qwen2.5-0.5B
+  --name NAME    served model name used when preparing (default qwen2.5-0.5b)
+  --public       listen on all interfaces instead of 127.0.0.1 only
+  --api-key KEY  require header 'x-triton-key: KEY' for the model-control,
+                 shared-memory, trace and logging APIs (also TRITON_API_KEY)
+  --dry-run      print the commands that would run, change nothing
+  --stop         stop the server started by this script (either mode)
+  -h, --help     show this help
+
+Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002),
+TRITON_IMAGE (docker image), TRITON_API_KEY, MODEL_REPOSITORY (model_repository).
+Exit codes: 0 serving (or stopped), 1 the server failed to start, 2 bad usage.
+EOF
+}
+
+cd "$(dirname "$0")"
+HTTP_PORT=${HTTP_PORT:-8000}
+GRPC_PORT=${GRPC_PORT:-8001}
+METRICS_PORT=${METRICS_PORT:-8002}
+TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:25.10-vllm-python-py3}
+MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
+API_KEY=${TRITON_API_KEY:-}
+CONTAINER=triton-vllm-qwen
+LOG=logs/tritonserver.log
+PID_FILE=logs/tritonserver.pid
+PY=.venv/bin/python
+
+mode=auto
+host=127.0.0.1
+dry_run=0
+action=start
+prepare_args=()
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --mode) mode=${2:?--mode needs local, docker or auto}; shift ;;
+    --tiny) prepare_args+=(--tiny) ;;
+    --name) prepare_args+=(--name "${2:?--name needs a value}"); shift ;;
+    --public) host=0.0.0.0 ;;
+    --api-key) API_KEY=${2:?--api-key needs a value}; shift ;;
+    --dry-run) dry_run=1 ;;
+    --stop) action=stop ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "start_triton.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+run() {
+  echo "+ $*"
+  if [[ $dry_run -eq 0 ]]; then "$@"; fi
+}
+
+have_docker_gpu() {
+  command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+
+stop_all() {
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
+    [[ -n "$(docker ps -aq --filter "name=^${CONTAINER}$")" ]]; then
+    run docker stop --time 40 "$CONTAINER"
+  fi
+  if [[ -f "$PID_FILE" ]]; then
+    run "$PY" -m serving.tritonserver stop --pid-file "$PID_FILE"
+  elif [[ $dry_run -eq 0 ]]; then
+    echo "No local server recorded in $PID_FILE."
+  fi
+}
+
+ensure_model() {
+  if compgen -G "$MODEL_REPOSITORY/*/config.pbtxt" >/dev/null; then
+    return
+  fi
+  echo "No model in $MODEL_REPOSITORY/: preparing one."
+  run "$PY" prepare_qwen_pt.py --repository "$MODEL_REPOSITORY" "$@"
+}
+
+wait_ready() {
+  local url="http://127.0.0.1:$HTTP_PORT/v2/health/ready" deadline=$((SECONDS + 900))
+  echo "Waiting for $url ..."
+  until curl -fs "$url" >/dev/null; do
+    if [[ -z "$(docker ps -q --filter "name=^${CONTAINER}$")" ]] || ((SECONDS > deadline)); then
+      echo "error: the Triton container did not become ready; end of its log:" >&2
+      docker logs --tail 40 "$CONTAINER" >&2 || true
+      return 1
+    fi
+    sleep 2
+  done
+}
+
+start_docker() {
+  local repo model
+  repo=$(cd "$MODEL_REPOSITORY" && pwd)
+  local mounts=(-v "$repo:/models")
+  # A model served from --local-dir lives outside the repository: mount it at the same path.
+  for model in $("$PY" -c 'import json,sys,os
+for p in sys.argv[1:]:
+    m = json.load(open(p))["model"]
+    print(m) if os.path.isabs(m) else None' "$repo"/*/1/model.json 2>/dev/null || true); do
+    mounts+=(-v "$model:$model:ro")
+  done
+  local restricted=()
+  if [[ -n "$API_KEY" ]]; then
+    local apis="model-repository,shared-memory,trace,logging:x-triton-key=$API_KEY"
+    restricted=("--http-restricted-api=$apis" "--grpc-restricted-api=$apis")
+  fi
+  run docker run -d --rm --name "$CONTAINER" --gpus all \
+    --shm-size=2g --ulimit memlock=-1 --ulimit stack=67108864 \
+    -p "$host:$HTTP_PORT:8000" -p "$host:$GRPC_PORT:8001" -p "$host:$METRICS_PORT:8002" \
+    "${mounts[@]}" "$TRITON_IMAGE" \
+    tritonserver --model-repository=/models --exit-timeout-secs=30 "${restricted[@]}"
+  if [[ $dry_run -eq 0 ]]; then
+    mkdir -p logs
+    (docker logs -f "$CONTAINER" >>"$LOG" 2>&1 &)
+    wait_ready
+  fi
+}
+
+start_local() {
+  local args=(--model-repository "$MODEL_REPOSITORY" --host "$host" --http-port "$HTTP_PORT"
+    --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --log-file "$LOG" --pid-file "$PID_FILE")
+  if [[ -n "$API_KEY" ]]; then args+=(--api-key "$API_KEY"); fi
+  run "$PY" -m serving.tritonserver start "${args[@]}"
+}
+
+if [[ $action == stop ]]; then
+  stop_all
+  exit 0
+fi
+
+case "$mode" in
+  auto) if have_docker_gpu; then mode=docker; else mode=local; fi ;;
+  local|docker) ;;
+  *) echo "start_triton.sh: --mode must be auto, local or docker, not '$mode'" >&2; exit 2 ;;
+esac
+echo "Mode: $mode"
+
+if [[ $mode == local ]]; then
+  run scripts/setup.sh
+else
+  [[ -x "$PY" ]] || run scripts/setup.sh --cpu  # prepare_qwen_pt.py runs on the host
+fi
+ensure_model "${prepare_args[@]}"
+if [[ $mode == docker ]]; then start_docker; else start_local || exit 1; fi
+
+if [[ $dry_run -eq 0 ]]; then
+  model=$(basename "$(dirname "$(compgen -G "$MODEL_REPOSITORY/*/config.pbtxt" | head -n 1)")")
+  cat <<EOF
+Triton is ready ($mode mode). Log: $LOG
+  HTTP     http://$host:$HTTP_PORT   (generate: /v2/models/$model/generate)
+  gRPC     $host:$GRPC_PORT
+  metrics  http://$host:$METRICS_PORT/metrics
+Try:  curl -X POST localhost:$HTTP_PORT/v2/models/$model/generate -d '{"text_input": "What is Triton?", "parameters": {"max_tokens": 32}}'
+Stop: ./start_triton.sh --stop
+EOF
+fi
