@@ -15,6 +15,7 @@ import argparse
 import json
 import queue
 import sys
+import time
 import uuid
 
 import numpy as np
@@ -47,7 +48,9 @@ def check_model(args: argparse.Namespace) -> None:
         conn = connect(args)
         live = conn.is_server_live(headers=headers(args))
     except InferenceServerException as exc:
-        raise ClientError(client.UNREACHABLE, f"no Triton server at {args.url} ({exc.message()}); is it running? ./start_triton.sh") from None
+        raise ClientError(
+            client.UNREACHABLE, f"no Triton server at {args.url} ({exc.message()}); is it running? ./start_triton.sh"
+        ) from None
     if not live:
         raise ClientError(client.UNREACHABLE, f"the Triton server at {args.url} is not live")
     try:
@@ -55,7 +58,9 @@ def check_model(args: argparse.Namespace) -> None:
     except InferenceServerException:
         ready = False
     if not ready:
-        raise ClientError(client.NOT_READY, f"model '{args.model}' is not ready on {args.url}; check the name with --model and the server log")
+        raise ClientError(
+            client.NOT_READY, f"model '{args.model}' is not ready on {args.url}; check the name with --model and the server log"
+        )
     conn.close()
 
 
@@ -115,11 +120,15 @@ def make_generate(args: argparse.Namespace, params: dict):
                 request_id=uuid.uuid4().hex,
                 enable_empty_final_response=True,
             )
+            deadline = time.monotonic() + args.timeout
             while True:
                 try:
-                    result, error = responses.get(timeout=args.timeout)
+                    # Short waits, so that Ctrl-C is handled at once (see client.SIGNAL_POLL_S).
+                    result, error = responses.get(timeout=client.SIGNAL_POLL_S)
                 except queue.Empty:
-                    raise RequestFailed(f"no response within {args.timeout:.0f} s") from None
+                    if time.monotonic() > deadline:
+                        raise RequestFailed(f"no response within {args.timeout:.0f} s") from None
+                    continue
                 if error is not None:
                     raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
                 response = result.get_response()
@@ -146,7 +155,9 @@ def main(argv=None) -> int:
     tls = parser.add_argument_group("remote servers")
     tls.add_argument("--ssl", action="store_true", help="connect with TLS")
     tls.add_argument("--root-certificates", type=__import__("pathlib").Path, help="PEM file of CA certificates for --ssl")
-    tls.add_argument("-H", "--header", action="append", default=[], metavar="NAME=VALUE", help="extra gRPC metadata header (repeatable)")
+    tls.add_argument(
+        "-H", "--header", action="append", default=[], metavar="NAME=VALUE", help="extra gRPC metadata header (repeatable)"
+    )
     return client.main(parser, make_generate, argv, on_interrupt=cancel_all)
 
 

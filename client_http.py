@@ -21,8 +21,6 @@ import requests
 from serving import client
 from serving.client import Chunk, ClientError, RequestFailed
 
-SESSIONS: list[requests.Session] = []
-
 
 def base_url(url: str) -> str:
     return (url if "://" in url else f"http://{url}").rstrip("/")
@@ -32,9 +30,14 @@ def check_model(session: requests.Session, base: str, model: str) -> None:
     try:
         ready = session.get(f"{base}/v2/models/{model}/ready", timeout=10)
     except requests.RequestException as exc:
-        raise ClientError(client.UNREACHABLE, f"no Triton server at {base} ({exc.__class__.__name__}); is it running? ./start_triton.sh") from None
+        raise ClientError(
+            client.UNREACHABLE, f"no Triton server at {base} ({exc.__class__.__name__}); is it running? ./start_triton.sh"
+        ) from None
     if ready.status_code != 200:
-        raise ClientError(client.NOT_READY, f"model '{model}' is not ready on {base} (HTTP {ready.status_code}); check the name with --model and the server log")
+        raise ClientError(
+            client.NOT_READY,
+            f"model '{model}' is not ready on {base} (HTTP {ready.status_code}); check the name with --model and the server log",
+        )
 
 
 def error_text(resp: requests.Response) -> str:
@@ -64,7 +67,8 @@ def request_body(prompt: str, messages, stream: bool, params: dict) -> dict:
         "return_finish_reason": True,
         "return_num_input_tokens": True,
         "return_num_output_tokens": True,
-        "parameters": params,
+        # An input rather than Triton request parameters, which cannot hold lists (stop=[...]).
+        "sampling_parameters": json.dumps(params),
     }
     if messages is not None:
         body["messages"] = json.dumps(messages)
@@ -81,7 +85,6 @@ def make_generate(args: argparse.Namespace, params: dict):
 
     def generate(prompt, messages):
         session = requests.Session()  # one per call: sessions are not thread-safe
-        SESSIONS.append(session)
         body = request_body(prompt, messages, args.stream, params)
         try:
             with session.post(url, json=body, stream=args.stream, timeout=args.timeout) as resp:
@@ -92,26 +95,20 @@ def make_generate(args: argparse.Namespace, params: dict):
                     return
                 for line in resp.iter_lines(decode_unicode=True):
                     if line and line.startswith("data:"):
-                        yield to_chunk(json.loads(line[len("data:"):]))
+                        yield to_chunk(json.loads(line[len("data:") :]))
         except requests.RequestException as exc:
             raise RequestFailed(f"{exc.__class__.__name__}: {exc}") from None
         finally:
-            SESSIONS.remove(session)
             session.close()
 
     return generate
 
 
-def cancel_all() -> None:
-    """Closing the connections makes Triton cancel the requests."""
-    for session in list(SESSIONS):
-        session.close()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     client.add_common_args(parser, default_url="http://localhost:8000")
-    return client.main(parser, make_generate, argv, on_interrupt=cancel_all)
+    # On Ctrl-C the process exits at once; its closed connections make Triton cancel the requests.
+    return client.main(parser, make_generate, argv)
 
 
 if __name__ == "__main__":

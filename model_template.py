@@ -109,9 +109,7 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         self.model_name = args["model_name"]
         if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
-            raise pb_utils.TritonModelException(
-                "config.pbtxt must set model_transaction_policy { decoupled: true }"
-            )
+            raise pb_utils.TritonModelException("config.pbtxt must set model_transaction_policy { decoupled: true }")
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         engine_config = self._read_engine_config(version_dir)
         self._check_placement(args, engine_config)
@@ -164,8 +162,7 @@ class TritonPythonModel:
         unknown = sorted(set(config) - known)
         if unknown:
             raise pb_utils.TritonModelException(
-                f"{ENGINE_ARGS_FILE}: unknown engine argument(s) {unknown}; "
-                "see vLLM's AsyncEngineArgs for the accepted fields"
+                f"{ENGINE_ARGS_FILE}: unknown engine argument(s) {unknown}; see vLLM's AsyncEngineArgs for the accepted fields"
             )
         try:
             return AsyncEngineArgs(**config)
@@ -243,10 +240,7 @@ class TritonPythonModel:
         stream = bool(flags["stream"])
         exclude = flags["exclude_input_in_output"]
         if stream and exclude is False:
-            raise RequestError(
-                "exclude_input_in_output=false cannot be combined with stream=true: "
-                "streaming sends only new text"
-            )
+            raise RequestError("exclude_input_in_output=false cannot be combined with stream=true: streaming sends only new text")
         prompt = self._prompt(request, bool(flags["chat"]))
         params = _sampling_dict(request)
         lora = self._lora(params.pop("lora_name", None))
@@ -254,7 +248,7 @@ class TritonPythonModel:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise RequestError(f"priority must be an integer, got {priority!r}")
         sampling = _sampling_params(params, stream)
-        outputs = {name[len("return_"):]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
+        outputs = {name[len("return_") :]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
         job = Job(
             id=self._request_id(request),
             sender=sender,
@@ -289,7 +283,9 @@ class TritonPythonModel:
         if name is None:
             return None
         if self.loras is None:
-            raise RequestError(f"lora_name {name!r} given but LoRA is not enabled for this model (enable_lora in {ENGINE_ARGS_FILE})")
+            raise RequestError(
+                f"lora_name {name!r} given but LoRA is not enabled for this model (enable_lora in {ENGINE_ARGS_FILE})"
+            )
         if name not in self.loras:
             raise RequestError(f"unknown LoRA adapter {name!r}; available: {sorted(self.loras)}")
         return self.loras[name]
@@ -412,6 +408,8 @@ class TritonPythonModel:
             self.logger.log_warn(f"{LOG_PREFIX} engine shutdown: {traceback.format_exc()}")
         self.responses.put(None)
         self.sender_thread.join(timeout=5)
+        if self.metrics:
+            self.metrics.close()
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.loop_thread.join(timeout=5)
         self.logger.log_info(f"{LOG_PREFIX} shutdown complete")
@@ -452,7 +450,7 @@ def _parse_messages(raw):
     except json.JSONDecodeError as exc:
         raise RequestError(f"messages is not valid JSON: {exc}") from None
     if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty JSON list of {\"role\": ..., \"content\": ...} objects")
+        raise RequestError('messages must be a non-empty JSON list of {"role": ..., "content": ...} objects')
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise RequestError(f"messages[{i}] must be an object with string fields role and content, got {m!r}")
@@ -539,7 +537,7 @@ def _logprobs_json(seq):
     if seq is None or seq.logprobs is None:
         return "null"
     steps = []
-    for token_id, step in zip(seq.token_ids, seq.logprobs):
+    for token_id, step in zip(seq.token_ids, seq.logprobs, strict=False):
         entry = {}
         for tid, lp in step.items():
             entry[str(tid)] = {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
@@ -559,65 +557,109 @@ def _error_response(message, code):
 
 
 class Metrics:
-    """vLLM's figures on Triton's metrics port, labelled by model and version."""
+    """vLLM's figures on Triton's metrics port, labelled by model and version.
 
+    Every update of a Triton metric is a round trip to the server process, so
+    the hot path only updates numbers in memory; a thread publishes them every
+    FLUSH_S seconds.
+    """
+
+    FLUSH_S = 0.25
     LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
     LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+    COUNTERS = {
+        "prompt_tokens": ("vllm:prompt_tokens_total", "Prompt tokens processed"),
+        "generation_tokens": ("vllm:generation_tokens_total", "Generation tokens produced"),
+    }
+    GAUGES = {
+        "running": ("vllm:num_requests_running", "Requests in the engine's running batch"),
+        "waiting": ("vllm:num_requests_waiting", "Requests waiting in the engine's queue"),
+        "in_flight": ("vllm:num_requests_in_flight", "Requests the model has not answered in full yet"),
+    }
+    HISTOGRAMS = {
+        "ttft": ("vllm:time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS),
+        "tpot": ("vllm:time_per_output_token_seconds", "Time per output token after the first", LATENCY_BUCKETS),
+        "e2e": ("vllm:e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS),
+        "prompt_len": ("vllm:request_prompt_tokens", "Prompt length of finished requests", LENGTH_BUCKETS),
+        "gen_len": ("vllm:request_generation_tokens", "Generation length of finished requests", LENGTH_BUCKETS),
+    }
 
     def __init__(self, labels):
         self._families = []  # a Metric is only valid while its family lives
-
-        def family(name, kind, doc, buckets=None):
-            fam = pb_utils.MetricFamily(name=name, description=doc, kind=kind)
-            self._families.append(fam)
-            return fam.Metric(labels=labels, buckets=buckets) if buckets else fam.Metric(labels=labels)
-
-        c, g, h = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.HISTOGRAM
-        self.prompt_tokens = family("vllm:prompt_tokens_total", c, "Prompt tokens processed")
-        self.generation_tokens = family("vllm:generation_tokens_total", c, "Generation tokens produced")
-        self.running = family("vllm:num_requests_running", g, "Requests in the engine's running batch")
-        self.waiting = family("vllm:num_requests_waiting", g, "Requests waiting in the engine's queue")
-        self.in_flight = family("vllm:num_requests_in_flight", g, "Requests the model has not answered in full yet")
-        self.ttft = family("vllm:time_to_first_token_seconds", h, "Time to first token", self.LATENCY_BUCKETS)
-        self.tpot = family("vllm:time_per_output_token_seconds", h, "Time per output token after the first", self.LATENCY_BUCKETS)
-        self.e2e = family("vllm:e2e_request_latency_seconds", h, "End-to-end request latency", self.LATENCY_BUCKETS)
-        self.prompt_len = family("vllm:request_prompt_tokens", h, "Prompt length of finished requests", self.LENGTH_BUCKETS)
-        self.gen_len = family("vllm:request_generation_tokens", h, "Generation length of finished requests", self.LENGTH_BUCKETS)
-        self._in_flight = 0
+        self._metrics = {}
+        kinds = pb_utils.MetricFamily
+        for key, (name, doc) in self.COUNTERS.items():
+            self._metrics[key] = self._make(name, doc, kinds.COUNTER, labels)
+        for key, (name, doc) in self.GAUGES.items():
+            self._metrics[key] = self._make(name, doc, kinds.GAUGE, labels)
+        for key, (name, doc, buckets) in self.HISTOGRAMS.items():
+            self._metrics[key] = self._make(name, doc, kinds.HISTOGRAM, labels, buckets)
         self._lock = threading.Lock()
+        self._counts = {key: 0 for key in self.COUNTERS}
+        self._gauges = {key: 0 for key in self.GAUGES}
+        self._observations = {key: [] for key in self.HISTOGRAMS}
+        self._published_gauges = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._publish_loop, name="vllm-metrics", daemon=True)
+        self._thread.start()
+
+    def _make(self, name, doc, kind, labels, buckets=None):
+        family = pb_utils.MetricFamily(name=name, description=doc, kind=kind)
+        self._families.append(family)
+        return family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels)
 
     def request_started(self):
         with self._lock:
-            self._in_flight += 1
-            self.in_flight.set(self._in_flight)
+            self._gauges["in_flight"] += 1
 
     def request_finished(self):
         with self._lock:
-            self._in_flight -= 1
-            self.in_flight.set(self._in_flight)
+            self._gauges["in_flight"] -= 1
 
     def record(self, scheduler_stats, iteration_stats):
-        if scheduler_stats is not None:
-            self.running.set(scheduler_stats.num_running_reqs)
-            self.waiting.set(scheduler_stats.num_waiting_reqs)
-        if iteration_stats is None:
-            return
-        prompt_tokens = getattr(iteration_stats, "num_prompt_tokens", None)
-        if prompt_tokens is None:  # vLLM 0.30+ keeps them in prompt_token_stats
-            stats = getattr(iteration_stats, "prompt_token_stats", None)
-            prompt_tokens = getattr(stats, "total", 0)
-        if prompt_tokens:
-            self.prompt_tokens.increment(prompt_tokens)
-        if iteration_stats.num_generation_tokens:
-            self.generation_tokens.increment(iteration_stats.num_generation_tokens)
-        for value in iteration_stats.time_to_first_tokens_iter:
-            self.ttft.observe(value)
-        for req in iteration_stats.finished_requests:
-            self.e2e.observe(req.e2e_latency)
-            self.prompt_len.observe(req.num_prompt_tokens)
-            self.gen_len.observe(req.num_generation_tokens)
-            if req.num_generation_tokens > 1:
-                self.tpot.observe(req.decode_time / (req.num_generation_tokens - 1))
+        """Called by vLLM after every engine step, on the engine's event loop."""
+        with self._lock:
+            if scheduler_stats is not None:
+                self._gauges["running"] = scheduler_stats.num_running_reqs
+                self._gauges["waiting"] = scheduler_stats.num_waiting_reqs
+            if iteration_stats is None:
+                return
+            prompt_tokens = getattr(iteration_stats, "num_prompt_tokens", None)
+            if prompt_tokens is None:  # vLLM 0.30+ keeps them in prompt_token_stats
+                prompt_tokens = getattr(getattr(iteration_stats, "prompt_token_stats", None), "total", 0)
+            self._counts["prompt_tokens"] += prompt_tokens
+            self._counts["generation_tokens"] += iteration_stats.num_generation_tokens
+            self._observations["ttft"] += iteration_stats.time_to_first_tokens_iter
+            for req in iteration_stats.finished_requests:
+                self._observations["e2e"].append(req.e2e_latency)
+                self._observations["prompt_len"].append(req.num_prompt_tokens)
+                self._observations["gen_len"].append(req.num_generation_tokens)
+                if req.num_generation_tokens > 1:
+                    self._observations["tpot"].append(req.decode_time / (req.num_generation_tokens - 1))
+
+    def _publish_loop(self):
+        while not self._stop.wait(self.FLUSH_S):
+            self.publish()
+
+    def publish(self):
+        with self._lock:
+            counts, self._counts = self._counts, {key: 0 for key in self.COUNTERS}
+            gauges = dict(self._gauges)
+            observations, self._observations = self._observations, {key: [] for key in self.HISTOGRAMS}
+        for key, value in counts.items():
+            if value:
+                self._metrics[key].increment(value)
+        for key, value in gauges.items():
+            if self._published_gauges.get(key) != value:
+                self._metrics[key].set(value)
+                self._published_gauges[key] = value
+        for key, values in observations.items():
+            for value in values:
+                self._metrics[key].observe(value)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=2)
 
     def stat_logger_factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase

@@ -25,9 +25,7 @@ WEIGHTS_DIR = "weights"  # inside the version folder; model.py resolves it there
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = parser.add_argument_group("where the weights come from")
     src.add_argument(
         "--source",
@@ -71,9 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="pick defaults for this device; auto = gpu if nvidia-smi finds one (default: %(default)s)",
     )
-    eng.add_argument("--gpu-memory-utilization", type=float, help="share of GPU memory vLLM may use (GPU default 0.85; on the CPU: share of RAM for the KV cache, default 0.2)")
+    eng.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="share of GPU memory vLLM may use (GPU default 0.85; on the CPU: share of RAM for the KV cache, default 0.2)",
+    )
     eng.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens (GPU default 4096, CPU 2048)")
-    eng.add_argument("--dtype", help="weight and activation dtype: auto, bfloat16, float16, float32 (GPU default auto, CPU bfloat16)")
+    eng.add_argument(
+        "--dtype", help="weight and activation dtype: auto, bfloat16, float16, float32 (GPU default auto, CPU bfloat16)"
+    )
     eng.add_argument("--tensor-parallel-size", type=int, help="GPUs to split the model across (default 1)")
     eng.add_argument(
         "--enforce-eager",

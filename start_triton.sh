@@ -122,7 +122,7 @@ for p in sys.argv[1:]:
   local restricted=()
   if [[ -n "$API_KEY" ]]; then
     local apis="model-repository,shared-memory,trace,logging:x-triton-key=$API_KEY"
-    restricted=("--http-restricted-api=$apis" "--grpc-restricted-api=$apis")
+    restricted=("--http-restricted-api=$apis" "--grpc-restricted-protocol=$apis")
   fi
   run docker run -d --rm --name "$CONTAINER" --gpus all \
     --shm-size=2g --ulimit memlock=-1 --ulimit stack=67108864 \

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 DEFAULT_MODEL = "qwen2.5-0.5b"
 
@@ -23,6 +24,8 @@ USAGE = 2
 UNREACHABLE = 3  # no server at the address
 NOT_READY = 4  # the server is up but the model is unknown or not ready
 INTERRUPTED = 130
+
+SIGNAL_POLL_S = 0.2
 
 
 class ClientError(Exception):
@@ -91,7 +94,9 @@ def add_common_args(parser: argparse.ArgumentParser, default_url: str) -> None:
 
     out = parser.add_argument_group("output")
     out.add_argument("--stream", action="store_true", help="print tokens as they arrive")
-    out.add_argument("--json", action="store_true", help="print one JSON object per prompt (text, finish reason, counts, timings)")
+    out.add_argument(
+        "--json", action="store_true", help="print one JSON object per prompt (text, finish reason, counts, timings)"
+    )
     out.add_argument("-o", "--output", type=Path, help="also write prompt/answer pairs to this file")
     out.add_argument("-c", "--concurrency", type=int, default=1, help="requests in flight at once (default: %(default)s)")
 
@@ -184,9 +189,14 @@ def run_batch(generate: Generate, args: argparse.Namespace, prompts: list[str]) 
             report(args, result, printed=show_stream, many=len(prompts) > 1)
             results.append(result)
         return results
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = [pool.submit(run_one, generate, p, messages_for(args, p)) for p in prompts]
-        results = [f.result() for f in futures]
+    pool = ThreadPoolExecutor(max_workers=args.concurrency)
+    futures = [pool.submit(run_one, generate, p, messages_for(args, p)) for p in prompts]
+    # Wake up often: a Ctrl-C delivered to a worker thread only runs its handler
+    # once the main thread executes Python code again.
+    while not wait(futures, timeout=SIGNAL_POLL_S).done == set(futures):
+        pass
+    pool.shutdown()
+    results = [f.result() for f in futures]
     for result in results:
         report(args, result, printed=False, many=True)
     return results
@@ -292,7 +302,14 @@ def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on
         return exc.code
     except KeyboardInterrupt:
         print("\ninterrupted: requests in flight were cancelled", file=sys.stderr)
-        return INTERRUPTED
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Exit now: worker threads blocked on the network would otherwise keep the
+        # process alive; exiting closes their connections, which cancels on the server.
+        os._exit(INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        sys.stderr.close()
+        return OK
     if args.output:
         write_results(args.output, results)
     return REQUEST_FAILED if any(r.error for r in results) else OK

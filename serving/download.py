@@ -14,19 +14,22 @@ class HubUnreachable(RuntimeError):
     pass
 
 
-def hub_host(source: str) -> str:
+def hub_address(source: str) -> tuple[str, int]:
+    """Host and port of the hub, honouring MODELSCOPE_DOMAIN and HF_ENDPOINT."""
     if source == "modelscope":
-        domain = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
-        return urlparse(domain if "//" in domain else f"https://{domain}").hostname
-    return urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        url = os.environ.get("MODELSCOPE_DOMAIN", "www.modelscope.cn")
+    else:
+        url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(url if "//" in url else f"https://{url}")
+    return parsed.hostname, parsed.port or (80 if parsed.scheme == "http" else 443)
 
 
 def check_reachable(source: str, timeout_s: float = 5.0) -> None:
-    host = hub_host(source)
+    host, port = hub_address(source)
     try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        raise HubUnreachable(f"cannot reach {source} ({host}:443): {exc}") from None
+        raise HubUnreachable(f"cannot reach {source} ({host}:{port}): {exc}") from None
 
 
 def download(source: str, model_id: str, revision: str | None, dest: Path) -> Path:

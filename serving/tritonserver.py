@@ -110,7 +110,7 @@ class LocalServer:
         ]
         if self.api_key:
             restricted = f"model-repository,shared-memory,trace,logging:x-triton-key={self.api_key}"
-            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-api={restricted}"]
+            cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:

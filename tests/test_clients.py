@@ -1,0 +1,128 @@
+"""client_http.py and client_grpc.py run as a user would run them."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+from conftest import PYTHON, ROOT, free_port, run_script
+
+CLIENTS = ["client_http.py", "client_grpc.py"]
+
+
+@pytest.fixture(params=CLIENTS)
+def client(request, server):
+    url = server.url if request.param == "client_http.py" else f"{server.host}:{server.grpc_port}"
+    return request.param, url
+
+
+def ask(client, *args, timeout=180, **kwargs):
+    script, url = client
+    return run_script(script, "--url", url, *args, timeout=timeout, **kwargs)
+
+
+def test_answers_a_prompt(client):
+    done = ask(client, "--max-tokens", "8", "--temperature", "0", "Hello world")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert "8 tokens" in done.stderr
+
+
+def test_stream_prints_the_same_text_as_non_stream(client):
+    args = ["--max-tokens", "10", "--temperature", "0", "--json", "Tell me"]
+    whole = json.loads(ask(client, *args).stdout)
+    streamed = json.loads(ask(client, "--stream", *args).stdout)
+    assert streamed["text"] == whole["text"]
+    assert streamed["num_output_tokens"] == whole["num_output_tokens"] == 10
+    assert streamed["finish_reason"] == "length"
+    assert streamed["ttft_s"] > 0
+
+
+def test_batch_keeps_prompt_order_and_writes_results(client, tmp_path):
+    prompts = [f"Prompt number {i}" for i in range(6)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "results.txt"
+    done = ask(client, "-f", str(tmp_path / "prompts.txt"), "-c", "3", "--json", "--max-tokens", "4", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    written = out.read_text()
+    assert written.count("Prompt: ") == 6 and written.index("Prompt number 0") < written.index("Prompt number 5")
+
+
+def test_prompts_from_standard_input(client):
+    done = ask(client, "--max-tokens", "3", "--json", input="first\nsecond\n")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["prompt"] for line in done.stdout.splitlines()] == ["first", "second"]
+
+
+def test_chat_uses_the_template(client):
+    done = ask(client, "--chat", "--system", "Be brief.", "--max-tokens", "3", "--json", "Hi")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # system + user turns of the template, far more than the two words typed
+    assert result["num_input_tokens"] > 20
+
+
+def test_extra_parameter_flag_reaches_the_engine(client):
+    done = ask(client, "--max-tokens", "3", "--param", "no_such_key=1", "Hi")
+    assert done.returncode == 1
+    assert "unknown sampling parameter 'no_such_key'" in done.stderr
+
+
+def test_unreachable_server_exits_3(client):
+    script, _ = client
+    port = free_port()
+    url = f"http://127.0.0.1:{port}" if script == "client_http.py" else f"127.0.0.1:{port}"
+    done = run_script(script, "--url", url, "Hi", timeout=60)
+    assert done.returncode == 3
+    assert "no Triton server" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_model_exits_4(client):
+    done = ask(client, "--model", "no-such-model", "Hi")
+    assert done.returncode == 4
+    assert "model 'no-such-model' is not ready" in done.stderr
+
+
+def metric(server, name) -> float:
+    text = requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} missing from /metrics")
+
+
+def wait_for(condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_ctrl_c_cancels_requests_on_the_server(client, server):
+    script, url = client
+    assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 30)
+    tokens_before = metric(server, "vllm:generation_tokens_total")
+    requested = 2000
+    proc = subprocess.Popen(
+        [PYTHON, script, "--url", url, "--stream", "--max-tokens", str(requested), "-p", "ignore_eos=true", "Go on"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    assert proc.stdout.read(1), "no streamed text before the interrupt"  # as a user sees tokens, then presses Ctrl-C
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert b"interrupted" in err and b"Traceback" not in err
+    assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 10)
+    assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, 10)
+    generated = metric(server, "vllm:generation_tokens_total") - tokens_before
+    assert generated < requested * 0.9, "the engine kept generating after the client was interrupted"
+    assert wait_for(lambda: "cancelled by the client" in server.log_file.read_text(), 10)

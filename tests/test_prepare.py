@@ -1,0 +1,63 @@
+"""prepare_qwen_pt.py: the tiny model, idempotence, flags, and an unreachable hub."""
+
+import json
+import time
+
+from conftest import run_script
+
+
+def prepare(repo, *args, env=None):
+    return run_script("prepare_qwen_pt.py", "--repository", str(repo), "--device", "cpu", *args, env=env)
+
+
+def test_tiny_builds_a_complete_model_repository(tiny_repository):
+    model = tiny_repository / "qwen2.5-0.5b"
+    assert (model / "config.pbtxt").read_text().count("decoupled: true") == 1
+    assert (model / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
+    engine = json.loads((model / "1" / "model.json").read_text())
+    assert engine["model"] == "weights"
+    assert engine["max_model_len"] == 2048 and engine["enforce_eager"] is True
+    assert (model / "1" / "weights" / "config.json").is_file()
+    assert "im_start" in (model / "1" / "weights" / "chat_template.jinja").read_text()
+
+
+def test_rerun_rewrites_the_json_not_the_weights(tmp_path):
+    assert prepare(tmp_path, "--tiny").returncode == 0
+    weights = tmp_path / "qwen2.5-0.5b" / "1" / "weights" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    time.sleep(0.01)
+    done = prepare(tmp_path, "--tiny", "--max-model-len", "512", "--engine-arg", "max_num_seqs=8", "--name", "qwen2.5-0.5b")
+    assert done.returncode == 0, done.stderr
+    assert weights.stat().st_mtime_ns == before
+    engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
+    assert engine["max_model_len"] == 512 and engine["max_num_seqs"] == 8
+
+
+def test_gpu_defaults_fit_an_8gb_card(tmp_path):
+    done = run_script("prepare_qwen_pt.py", "--repository", str(tmp_path), "--device", "gpu", "--tiny")
+    assert done.returncode == 0, done.stderr
+    engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
+    assert engine["gpu_memory_utilization"] == 0.85
+    assert engine["max_model_len"] == 4096 and engine["enforce_eager"] is False
+
+
+def test_unreachable_hub_fails_fast_and_names_the_alternatives(tmp_path):
+    for source, var in (("modelscope", "MODELSCOPE_DOMAIN"), ("huggingface", "HF_ENDPOINT")):
+        start = time.monotonic()
+        done = prepare(tmp_path, "--source", source, env={var: "http://127.0.0.1:9"})
+        assert done.returncode == 3, done.stderr
+        assert time.monotonic() - start < 30
+        assert "--local-dir" in done.stderr and "--tiny" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_local_dir_without_a_model_is_rejected(tmp_path):
+    done = prepare(tmp_path, "--local-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "has no config.json" in done.stderr
+
+
+def test_bad_engine_arg_is_a_usage_error(tmp_path):
+    done = prepare(tmp_path, "--tiny", "--engine-arg", "novalue")
+    assert done.returncode == 2
+    assert "KEY=VALUE" in done.stderr
