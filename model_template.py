@@ -13,6 +13,7 @@ import locale
 locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -83,6 +84,50 @@ class Job:
     start: float = field(default_factory=time.monotonic)
     task: typing.Any = None
     cancelled: bool = False
+
+
+@dataclass
+class Seq:
+    """New output of one sequence since the last response."""
+
+    text: str
+    token_ids: list
+    logprobs: list | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+
+
+@dataclass
+class Delta:
+    """New output of one request: what one response carries."""
+
+    seqs: dict
+    num_input_tokens: int
+    prompt: str
+    prefix: str = ""
+
+    @classmethod
+    def of(cls, out):
+        seqs = {
+            o.index: Seq(
+                o.text, list(o.token_ids), None if o.logprobs is None else list(o.logprobs), o.cumulative_logprob, o.finish_reason
+            )
+            for o in out.outputs
+        }
+        return cls(seqs, len(out.prompt_token_ids or []), out.prompt or "")
+
+    def extend(self, later):
+        for index, seq in later.seqs.items():
+            mine = self.seqs.get(index)
+            if mine is None:
+                self.seqs[index] = seq
+                continue
+            mine.text += seq.text
+            mine.token_ids += seq.token_ids
+            if mine.logprobs is not None and seq.logprobs is not None:
+                mine.logprobs += seq.logprobs
+            mine.cumulative_logprob = seq.cumulative_logprob
+            mine.finish_reason = seq.finish_reason
 
 
 class TritonPythonModel:
@@ -218,6 +263,7 @@ class TritonPythonModel:
             try:
                 job, prompt, params, lora, priority = self._parse(request, sender)
             except RequestError as exc:
+                self.logger.log_info(f"{LOG_PREFIX} request {request.request_id() or '(no id)'} rejected: {exc}")
                 self._fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
                 continue
             except Exception as exc:
@@ -247,6 +293,10 @@ class TritonPythonModel:
         priority = params.pop("priority", 0)
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise RequestError(f"priority must be an integer, got {priority!r}")
+        if priority and getattr(self.engine_args, "scheduling_policy", "fcfs") != "priority":
+            raise RequestError(
+                f'priority {priority} needs priority scheduling: set "scheduling_policy": "priority" in {ENGINE_ARGS_FILE}'
+            )
         sampling = _sampling_params(params, stream)
         outputs = {name[len("return_") :]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
         job = Job(
@@ -299,17 +349,18 @@ class TritonPythonModel:
 
     async def _generate(self, job, prompt, params, lora, priority):
         job.task = asyncio.current_task()
-        outputs = None
+        delta = None
         try:
             if self.metrics:
                 self.metrics.request_started()
             async for out in self.engine.generate(prompt, params, job.id, lora_request=lora, priority=priority):
-                outputs = out
+                delta = Delta.of(out)
                 if job.stream:
-                    self._queue(job, self._response(job, out, ""), final=out.finished)
+                    self._queue(job, delta, final=out.finished)
             if not job.stream:
-                prefix = outputs.prompt or "" if job.prepend_input else ""
-                self._queue(job, self._response(job, outputs, prefix), final=True)
+                if job.prepend_input:
+                    delta.prefix = delta.prompt
+                self._queue(job, delta, final=True)
         except asyncio.CancelledError:
             self.logger.log_info(f"{LOG_PREFIX} request {job.id} cancelled by the client; aborted in the engine")
             self._queue(job, _error_response("request cancelled by the client", pb_utils.TritonError.CANCELLED), final=True)
@@ -328,11 +379,9 @@ class TritonPythonModel:
             return pb_utils.TritonError.INVALID_ARG, str(exc)
         return pb_utils.TritonError.INTERNAL, f"generation failed: {name}: {exc}"
 
-    def _response(self, job, out, prefix):
-        n = len(out.outputs) if not job.stream else max(o.index for o in out.outputs) + 1
-        by_index = {o.index: o for o in out.outputs}
-        seqs = [by_index.get(i) for i in range(n)]
-        tensors = [pb_utils.Tensor("text_output", _strings([prefix + (s.text if s else "") for s in seqs]))]
+    def _response(self, job, delta):
+        seqs = [delta.seqs.get(i) for i in range(max(delta.seqs, default=-1) + 1)]
+        tensors = [pb_utils.Tensor("text_output", _strings([delta.prefix + (s.text if s else "") for s in seqs]))]
         if job.outputs["finish_reason"]:
             reasons = [str(s.finish_reason) if s and s.finish_reason else "" for s in seqs]
             tensors.append(pb_utils.Tensor("finish_reason", _strings(reasons)))
@@ -342,8 +391,7 @@ class TritonPythonModel:
         if job.outputs["logprobs"]:
             tensors.append(pb_utils.Tensor("logprobs", _strings([_logprobs_json(s) for s in seqs])))
         if job.outputs["num_input_tokens"]:
-            count = len(out.prompt_token_ids or [])
-            tensors.append(pb_utils.Tensor("num_input_tokens", np.asarray([count], dtype=np.uint32)))
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.asarray([delta.num_input_tokens], dtype=np.uint32)))
         if job.outputs["num_output_tokens"]:
             counts = [len(s.token_ids) if s else 0 for s in seqs]
             tensors.append(pb_utils.Tensor("num_output_tokens", np.asarray(counts, dtype=np.uint32)))
@@ -351,24 +399,53 @@ class TritonPythonModel:
 
     # -------------------------------------------------------------- responses
 
-    def _queue(self, job, response, final):
-        self.responses.put((job, response, final))
+    def _queue(self, job, payload, final):
+        """payload: a Delta of new output, or a ready error response."""
+        self.responses.put((job, payload, final))
 
     def _fail(self, sender, message, code):
         sender.send(_error_response(message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _send_responses(self):
-        """Send from one dedicated thread so the engine's event loop never blocks on IPC."""
+        """Send from one dedicated thread so the engine's event loop never blocks on IPC.
+
+        Each response costs a round trip to the server process, so deltas of one
+        request that queued up while the previous send was under way go out
+        merged, as one response.
+        """
         while True:
-            item = self.responses.get()
-            if item is None:
-                return
-            job, response, final = item
+            batch = [self.responses.get()]
+            while True:
+                try:
+                    batch.append(self.responses.get_nowait())
+                except queue.Empty:
+                    break
+            pending = []
+            for item in batch:
+                if item is None:
+                    self._send_all(pending)
+                    return
+                job, payload, final = item
+                last = next((p for p in reversed(pending) if p[0] is job), None)
+                if last and isinstance(last[1], Delta) and isinstance(payload, Delta) and not last[2]:
+                    last[1].extend(payload)
+                    last[2] = final
+                else:
+                    pending.append([job, payload, final])
+            self._send_all(pending)
+
+    def _send_all(self, pending):
+        for job, payload, final in pending:
             flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             try:
+                response = self._response(job, payload) if isinstance(payload, Delta) else payload
                 job.sender.send(response, flags=flags)
             except Exception:
                 self.logger.log_error(f"{LOG_PREFIX} sending a response of {job.id} failed: {traceback.format_exc()}")
+                if not final:
+                    continue
+                with contextlib.suppress(Exception):
+                    job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             if final:
                 with self.jobs_lock:
                     self.jobs.pop(job.id, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tiny",
         action="store_true",
         help="make a small offline model of the Qwen2 architecture with random weights (no hub needed)",
+    )
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="make a model with Qwen2.5-0.5B's exact configuration but random weights (no hub; for benchmarks)",
     )
 
     out = parser.add_argument_group("the model repository")
@@ -113,12 +119,16 @@ def fetch_weights(args: argparse.Namespace, version_dir: Path) -> str:
             raise ValueError(f"--local-dir {path} has no config.json: is it a Hugging Face-format model folder?")
         return str(path)
     weights = version_dir / WEIGHTS_DIR
-    if args.tiny:
-        if not (weights / COMPLETE_MARKER).is_file():
-            from serving.tiny_model import make_tiny_model
+    if args.tiny or args.random_weights:
+        kind = "tiny" if args.tiny else "qwen2.5-0.5b-shaped"
+        marker = weights / COMPLETE_MARKER
+        if not marker.is_file() or marker.read_text().strip() != kind:
+            from serving import tiny_model
 
-            make_tiny_model(weights)
-            (weights / COMPLETE_MARKER).write_text("tiny\n")
+            shutil.rmtree(weights, ignore_errors=True)
+            make = tiny_model.make_tiny_model if args.tiny else tiny_model.make_qwen25_shaped_model
+            make(weights)
+            marker.write_text(f"{kind}\n")
     else:
         download(args.source, args.model_id, args.revision, weights)
     return WEIGHTS_DIR
@@ -126,8 +136,8 @@ def fetch_weights(args: argparse.Namespace, version_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if sum(bool(x) for x in (args.tiny, args.local_dir)) > 1:
-        print("error: choose one of --tiny and --local-dir", file=sys.stderr)
+    if sum(bool(x) for x in (args.tiny, args.random_weights, args.local_dir)) > 1:
+        print("error: choose one of --tiny, --random-weights and --local-dir", file=sys.stderr)
         return 2
     try:
         overrides = dict(parse_engine_arg(item) for item in args.engine_arg)

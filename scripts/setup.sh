@@ -6,7 +6,7 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/setup.sh [--cpu | --gpu] [--wheel-dir DIR] [--force]
+Usage: scripts/setup.sh [--cpu | --gpu] [--wheel-dir DIR] [--system-site-packages] [--force]
 
 Creates .venv/ and installs into it:
   requirements.txt            clients and model preparation
@@ -21,6 +21,9 @@ Options:
   --gpu            install the CUDA build of vLLM even if no GPU is detected
   --wheel-dir DIR  install offline from a folder of wheels (air-gapped hosts);
                    the folder must hold every wheel, nvidia-pytriton included
+  --system-site-packages
+                   let .venv see the interpreter's packages (reuse a CUDA torch
+                   already installed on the host instead of downloading one)
   --force          reinstall even if the environment looks up to date
   -h, --help       show this help
 
@@ -37,12 +40,14 @@ WHEEL_DIR=${SETUP_WHEEL_DIR:-}
 TRITON_WHEEL=nvidia-pytriton==0.7.0
 flavor=""
 force=0
+venv_args=()
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu) flavor=cpu ;;
     --gpu) flavor=gpu ;;
     --wheel-dir) WHEEL_DIR=${2:?--wheel-dir needs a folder}; shift ;;
+    --system-site-packages) venv_args+=(--system-site-packages) ;;
     --force) force=1 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "setup: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -74,7 +79,7 @@ if [[ -n "$WHEEL_DIR" ]]; then
 fi
 
 echo "setup: installing the $flavor environment into $VENV (first run takes a few minutes)..."
-[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "${venv_args[@]}" "$VENV"
 pip=("$VENV/bin/python" -m pip)
 
 "${pip[@]}" install "${pip_args[@]}" -r "requirements/serve-$flavor.txt" -r requirements/test.txt

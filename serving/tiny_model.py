@@ -1,9 +1,14 @@
-"""A small offline model of the Qwen2 architecture, for tests and air-gapped trials.
+"""Offline models of the Qwen2 architecture with random weights: no model hub needed.
 
-Random weights, a byte-level BPE tokenizer trained on a few sentences, and
-Qwen2.5-Instruct's chat template (``<|im_start|>role ... <|im_end|>``). It is a
-few MB, made in seconds, and needs no model hub. Its answers are noise, but
-deterministic at temperature 0, which is what tests need.
+``make_tiny_model``: a few MB, made in seconds, with a byte-level BPE tokenizer
+trained on a few sentences. Tests use it.
+
+``make_qwen25_shaped_model``: Qwen2.5-0.5B's exact configuration (about 1 GB in
+bfloat16) with a tokenizer of the same vocabulary size, so that benchmarks
+measure the same work as the real model.
+
+Both carry Qwen2.5-Instruct's chat template (``<|im_start|>role ... <|im_end|>``).
+Their answers are noise, but deterministic at temperature 0.
 """
 
 from __future__ import annotations
@@ -62,6 +67,75 @@ def make_tokenizer(out_dir: Path):
     )
     fast.save_pretrained(out_dir)
     return fast
+
+
+# Qwen/Qwen2.5-0.5B's published config.json.
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+QWEN25_REGULAR_TOKENS = 151643  # then <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+def synthetic_bpe_tokenizer(out_dir: Path, regular_tokens: int, seed: int = 0):
+    """A byte-level BPE with exactly ``regular_tokens`` tokens, made of random merges."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tokens = list(vocab)
+    merges = []
+    while len(vocab) < regular_tokens:
+        left, right = rng.choice(tokens), rng.choice(tokens[:4096])
+        merged = left + right
+        if merged in vocab or len(merged) > 12:
+            continue
+        vocab[merged] = len(vocab)
+        tokens.append(merged)
+        merges.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=QWEN25_05B["max_position_embeddings"],
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def make_qwen25_shaped_model(out_dir: Path, seed: int = 0) -> Path:
+    """Write a model with Qwen2.5-0.5B's configuration, random weights and vocabulary size."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    synthetic_bpe_tokenizer(out_dir, QWEN25_REGULAR_TOKENS, seed)
+    torch.manual_seed(seed)
+    config = Qwen2Config(**QWEN25_05B, torch_dtype="bfloat16")
+    with torch.device("cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    return out_dir
 
 
 def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:

@@ -8,24 +8,17 @@ Environment variables:
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from serving.tritonserver import LocalServer
+from serving.tritonserver import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-0.5b"
 PYTHON = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_script(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

@@ -1,0 +1,537 @@
+#!/usr/bin/env python3
+"""Benchmark the Triton path against the bare vLLM engine and against `vllm serve`.
+
+One run, one synthetic workload (fixed prompt and output lengths, ignore_eos,
+temperature 0), a concurrency sweep, the same engine arguments (the model's
+1/model.json) for every target:
+
+  triton-http   our model through Triton's HTTP generate_stream (server-sent events)
+  triton-grpc   our model through Triton's gRPC streaming API
+  engine        vLLM's AsyncLLMEngine in this process, no server: the floor
+  vllm-serve    vLLM's OpenAI-compatible server, streaming /v1/completions
+
+Metrics follow `vllm bench serve`: TTFT, TPOT (per request, after the first
+token), ITL (gaps between streamed chunks), end-to-end latency (median, p99),
+output tokens/s and requests/s; plus each server's start-up time to ready and
+resident memory. Prints a table, writes results/benchmark.json and, when
+matplotlib is installed, results/benchmark.png.
+
+  .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
+  .venv/bin/python benchmarks/benchmark.py --concurrency 1,16,64,256 --venv /root/venv   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import psutil  # noqa: E402
+
+from client_grpc import request_inputs  # noqa: E402
+from client_http import request_body  # noqa: E402
+from serving.tritonserver import LocalServer, free_port, stop_process_group  # noqa: E402
+
+TARGETS = ["triton-http", "triton-grpc", "engine", "vllm-serve"]
+
+
+@dataclass
+class Sample:
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    target: str
+    concurrency: int
+    requests: int
+    failed: int
+    duration_s: float
+    output_tok_s: float
+    req_s: float
+    ttft_ms: dict
+    tpot_ms: dict
+    itl_ms: dict
+    e2e_ms: dict
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "p99": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return {"median": statistics.median(ordered) * 1000, "p99": p99 * 1000}
+
+
+def summarize(target: str, concurrency: int, samples: list[Sample], duration: float) -> Row:
+    ok = [s for s in samples if s.error is None]
+    tokens = sum(s.output_tokens for s in ok)
+    tpots = [(s.e2e - s.ttft) / (s.output_tokens - 1) for s in ok if s.output_tokens > 1]
+    return Row(
+        target=target,
+        concurrency=concurrency,
+        requests=len(samples),
+        failed=len(samples) - len(ok),
+        duration_s=duration,
+        output_tok_s=tokens / duration,
+        req_s=len(ok) / duration,
+        ttft_ms=percentiles([s.ttft for s in ok]),
+        tpot_ms=percentiles(tpots),
+        itl_ms=percentiles([gap for s in ok for gap in s.itl]),
+        e2e_ms=percentiles([s.e2e for s in ok]),
+    )
+
+
+class Timer:
+    """Collects one request's chunk times into a Sample."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.last = None
+        self.sample = Sample()
+
+    def chunk(self, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        now = time.perf_counter()
+        if self.last is None:
+            self.sample.ttft = now - self.start
+        else:
+            self.sample.itl.append(now - self.last)
+        self.last = now
+        self.sample.output_tokens += tokens
+
+    def done(self, error: str | None = None) -> Sample:
+        self.sample.e2e = time.perf_counter() - self.start
+        self.sample.error = error
+        return self.sample
+
+
+# ------------------------------------------------------------------ workload
+
+
+def make_prompts(model_dir: str, count: int, input_len: int, seed: int) -> list[str]:
+    """Random token ids decoded to text, re-encoded to check the length."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(min(len(tokenizer), 30000)) if i not in special]
+    prompts = []
+    for _ in range(count):
+        text = tokenizer.decode([rng.choice(ids) for _ in range(input_len)])
+        prompts.append(tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:input_len]))
+    return prompts
+
+
+def sampling(output_len: int) -> dict:
+    return {"max_tokens": output_len, "min_tokens": output_len, "ignore_eos": True, "temperature": 0}
+
+
+async def run_level(send, prompts: list[str], concurrency: int) -> tuple[list[Sample], float]:
+    queue = list(prompts)
+    samples: list[Sample] = []
+
+    async def worker():
+        while queue:
+            samples.append(await send(queue.pop()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples, time.perf_counter() - start
+
+
+# -------------------------------------------------------------------- targets
+
+
+def triton_http_sender(session: aiohttp.ClientSession, url: str, output_len: int):
+    async def send(prompt: str) -> Sample:
+        timer = Timer()
+        body = request_body(prompt, None, True, sampling(output_len))
+        try:
+            async with session.post(url, json=body) as resp:
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = json.loads(line[5:])
+                    if "error" in data:
+                        return timer.done(data["error"])
+                    count = data.get("num_output_tokens")
+                    timer.chunk(count[0] if isinstance(count, list) else count)
+        except aiohttp.ClientError as exc:
+            return timer.done(str(exc))
+        return timer.done()
+
+    return send
+
+
+def triton_grpc_sender(url: str, model: str, output_len: int):
+    import tritonclient.grpc.aio as grpcaio
+
+    client = grpcaio.InferenceServerClient(url)
+
+    async def send(prompt: str) -> Sample:
+        timer = Timer()
+
+        async def one_request():
+            yield {"model_name": model, "inputs": request_inputs(prompt, None, True, sampling(output_len))}
+
+        async for result, error in client.stream_infer(one_request()):
+            if error is not None:
+                return timer.done(str(error))
+            count = result.as_numpy("num_output_tokens")
+            timer.chunk(int(count.sum()) if count is not None else 0)
+            if result.get_response().parameters.get("triton_final_response", None) is not None:
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+            if timer.sample.output_tokens >= output_len:
+                break
+        return timer.done()
+
+    return send, client
+
+
+def openai_sender(session: aiohttp.ClientSession, url: str, model: str, output_len: int):
+    async def send(prompt: str) -> Sample:
+        timer = Timer()
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            **sampling(output_len),
+        }
+        done_tokens = 0
+        try:
+            async with session.post(url, json=body) as resp:
+                if resp.status != 200:
+                    return timer.done(await resp.text())
+                async for raw in resp.content:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[5:])
+                    usage = data.get("usage") or {}
+                    total = usage.get("completion_tokens", done_tokens)
+                    timer.chunk(total - done_tokens)
+                    done_tokens = total
+        except aiohttp.ClientError as exc:
+            return timer.done(str(exc))
+        return timer.done()
+
+    return send
+
+
+def engine_sender(engine, output_len: int):
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(**sampling(output_len), output_kind=RequestOutputKind.DELTA)
+
+    async def send(prompt: str) -> Sample:
+        timer = Timer()
+        async for out in engine.generate(prompt, params, os.urandom(8).hex()):
+            timer.chunk(len(out.outputs[0].token_ids))
+        return timer.done()
+
+    return send
+
+
+def tree_rss_mb(pid: int) -> float:
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+# ---------------------------------------------------------------------- runs
+
+
+async def sweep(name, send, prompts_for, levels, warmup, progress) -> list[Row]:
+    rows = []
+    await run_level(send, prompts_for(warmup), min(warmup, 4))
+    for concurrency, prompts in levels:
+        samples, duration = await run_level(send, prompts, concurrency)
+        row = summarize(name, concurrency, samples, duration)
+        progress(row)
+        rows.append(row)
+    return rows
+
+
+def vllm_serve_command(python: str, engine_args: dict, port: int, name: str) -> list[str]:
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--served-model-name", name, "--disable-log-requests"]
+    for key, value in engine_args.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "model":
+            cmd += ["--model", str(value)]
+        elif value is True:
+            cmd.append(flag)
+        elif value is False:
+            cmd.append("--no-" + flag[2:])
+        elif value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+async def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+async def bench_target(target, args, engine_args, levels, prompts_for, progress) -> tuple[list[Row], dict]:
+    name = args.name
+    info: dict = {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    if target in ("triton-http", "triton-grpc"):
+        server = LocalServer(
+            model_repository=args.model_repository.resolve(),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            venv=args.venv.resolve(),
+            log_file=args.out_dir.resolve() / f"{target}.log",
+        )
+        start = time.perf_counter()
+        server.start(timeout_s=900)
+        info["startup_s"] = time.perf_counter() - start
+        try:
+            if target == "triton-http":
+                async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+                    url = f"{server.url}/v2/models/{name}/generate_stream"
+                    rows = await sweep(
+                        target, triton_http_sender(session, url, args.output_len), prompts_for, levels, args.warmup, progress
+                    )
+            else:
+                send, client = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
+                rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
+                await client.close()
+            info["rss_mb"] = tree_rss_mb(server.process.pid)
+        finally:
+            server.stop()
+        return rows, info
+    if target == "engine":
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        start = time.perf_counter()
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
+        info["startup_s"] = time.perf_counter() - start
+        try:
+            rows = await sweep(target, engine_sender(engine, args.output_len), prompts_for, levels, args.warmup, progress)
+            info["rss_mb"] = tree_rss_mb(os.getpid())
+        finally:
+            engine.shutdown()
+        return rows, info
+    port = free_port()
+    log = open(args.out_dir / "vllm-serve.log", "wb")
+    proc = subprocess.Popen(
+        vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, name),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    start = time.perf_counter()
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
+        info["startup_s"] = time.perf_counter() - start
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+            send = openai_sender(session, f"http://127.0.0.1:{port}/v1/completions", name, args.output_len)
+            rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
+        info["rss_mb"] = tree_rss_mb(proc.pid)
+    finally:
+        stop_process_group(proc.pid, 60)
+        log.close()
+    return rows, info
+
+
+# ---------------------------------------------------------------------- output
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} {'TPOT med':>9} {'ITL med':>8} {'E2E med':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+
+        def ms(d, k="median"):
+            return f"{d[k]:.1f}" if d[k] is not None else "-"
+
+        lines.append(
+            f"{r.target:<12} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} {r.output_tok_s:>10.1f} {r.req_s:>7.2f} "
+            f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> list[dict]:
+    by = {(r.target, r.concurrency): r for r in rows}
+    out = []
+    for r in rows:
+        if not r.target.startswith("triton"):
+            continue
+        entry = {"target": r.target, "concurrency": r.concurrency}
+        for base in ("engine", "vllm-serve"):
+            b = by.get((base, r.concurrency))
+            if b and b.output_tok_s:
+                entry[f"tok_s_vs_{base}"] = r.output_tok_s / b.output_tok_s
+            if b and b.ttft_ms["median"] and r.ttft_ms["median"] is not None:
+                entry[f"ttft_vs_{base}"] = r.ttft_ms["median"] / b.ttft_ms["median"]
+        out.append(entry)
+    return out
+
+
+def plot(rows: list[Row], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in dict.fromkeys(r.target for r in rows):
+        mine = [r for r in rows if r.target == target]
+        xs = [r.concurrency for r in mine]
+        ax1.plot(xs, [r.output_tok_s for r in mine], marker="o", label=target)
+        ax2.plot(xs, [r.ttft_ms["median"] for r in mine], marker="o", label=target)
+    for ax, title in ((ax1, "output tokens/s"), (ax2, "median TTFT (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax2.set_yscale("log")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model-repository", type=Path, default=ROOT / "model_repository", help="Triton model repository (default: %(default)s)"
+    )
+    p.add_argument("--name", default="qwen2.5-0.5b", help="model name in the repository (default: %(default)s)")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels (default: %(default)s)")
+    p.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=4,
+        help="requests per level = this x concurrency, at least 16 (default: %(default)s)",
+    )
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--output-len", type=int, default=128, help="generated tokens per request, ignore_eos (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=8, help="warm-up requests per target, not measured (default: %(default)s)")
+    p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="environment with Triton and vLLM (default: %(default)s)")
+    p.add_argument(
+        "--out-dir", type=Path, default=ROOT / "results", help="where JSON, PNG and server logs go (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="prompt generation seed")
+    return p.parse_args(argv)
+
+
+async def main_async(args) -> int:
+    version_dir = args.model_repository / args.name / "1"
+    engine_args = json.loads((version_dir / "model.json").read_text())
+    if not os.path.isabs(engine_args["model"]):
+        engine_args["model"] = str((version_dir / engine_args["model"]).resolve())
+    levels_c = [int(c) for c in args.concurrency.split(",")]
+    targets = [t.strip() for t in args.targets.split(",")]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        print(f"error: unknown targets {sorted(unknown)}", file=sys.stderr)
+        return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(max(16, args.requests_per_level * c) for c in levels_c)
+    pool = make_prompts(engine_args["model"], total + args.warmup, args.input_len, args.seed)
+    levels, used = [], 0
+    for c in levels_c:
+        n = max(16, args.requests_per_level * c)
+        levels.append((c, pool[used : used + n]))
+        used += n
+
+    def prompts_for(n):
+        return pool[-n:]
+
+    def progress(row: Row):
+        print(
+            f"  {row.target:<12} c={row.concurrency:<4} {row.output_tok_s:9.1f} tok/s  "
+            f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  failed {row.failed}",
+            flush=True,
+        )
+
+    rows: list[Row] = []
+    servers = {}
+    for target in targets:
+        print(f"[{target}] starting ...", flush=True)
+        target_rows, info = await bench_target(target, args, engine_args, levels, prompts_for, progress)
+        servers[target] = info
+        print(f"[{target}] start-up {info.get('startup_s', 0):.1f} s, resident memory {info.get('rss_mb', 0):.0f} MB", flush=True)
+        rows += target_rows
+
+    result = {
+        "engine_args": engine_args,
+        "workload": {"input_len": args.input_len, "output_len": args.output_len, "concurrency": levels_c},
+        "servers": servers,
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios(rows),
+    }
+    (args.out_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(table(rows))
+    print()
+    for r in result["ratios"]:
+        parts = [f"{k}={v:.2f}" for k, v in r.items() if k not in ("target", "concurrency")]
+        print(f"{r['target']:<12} c={r['concurrency']:<4} " + "  ".join(parts))
+    for target, info in servers.items():
+        print(f"{target:<12} start-up {info.get('startup_s', 0):.1f} s  resident {info.get('rss_mb', 0):.0f} MB")
+    if plot(rows, args.out_dir / "benchmark.png"):
+        print(f"\nwrote {args.out_dir / 'benchmark.json'} and {args.out_dir / 'benchmark.png'}")
+    else:
+        print(f"\nwrote {args.out_dir / 'benchmark.json'} (install matplotlib for the plot)")
+    return 0
+
+
+def main(argv=None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
