@@ -84,6 +84,10 @@ class Job:
     start: float = field(default_factory=time.monotonic)
     task: typing.Any = None
     cancelled: bool = False
+    # Asking Triton whether a finished request was cancelled reads freed memory:
+    # the final send and the cancellation check exclude each other.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: bool = False
 
 
 @dataclass
@@ -168,6 +172,8 @@ class TritonPythonModel:
         self.jobs = {}
         self.jobs_lock = threading.Lock()
         self.accepting = True
+        self.restarting = False
+        self.restart_lock = threading.Lock()
         self.responses = queue.Queue()
         self.loop = asyncio.new_event_loop()
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
@@ -248,9 +254,12 @@ class TritonPythonModel:
         value = self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
         return default if value == "" else value.lower() in ("true", "1", "yes")
 
-    async def _start_engine(self):
+    def _new_engine(self):
         loggers = [self.metrics.stat_logger_factory()] if self.metrics else None
         return AsyncLLMEngine.from_engine_args(self.engine_args, stat_loggers=loggers)
+
+    async def _start_engine(self):
+        return self._new_engine()
 
     def _run(self, coro, timeout=None):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -273,8 +282,9 @@ class TritonPythonModel:
             if not self.accepting:
                 self._fail(sender, "the model is shutting down", pb_utils.TritonError.UNAVAILABLE)
                 continue
-            if self.engine.errored:
-                self._fail(sender, "the vLLM engine has died; the model is unavailable", pb_utils.TritonError.UNAVAILABLE)
+            if self.restarting or self.engine.errored:
+                self._engine_died()
+                self._fail(sender, "the vLLM engine is restarting; retry shortly", pb_utils.TritonError.UNAVAILABLE)
                 continue
             with self.jobs_lock:
                 self.jobs[job.id] = job
@@ -298,6 +308,12 @@ class TritonPythonModel:
                 f'priority {priority} needs priority scheduling: set "scheduling_policy": "priority" in {ENGINE_ARGS_FILE}'
             )
         sampling = _sampling_params(params, stream)
+        limit = self.engine_args.max_model_len
+        if limit and sampling.max_tokens is not None and sampling.max_tokens > limit:
+            raise RequestError(
+                f"max_tokens {sampling.max_tokens} is more than the maximum context length {limit} "
+                f"(max_model_len in {ENGINE_ARGS_FILE})"
+            )
         outputs = {name[len("return_") :]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
         job = Job(
             id=self._request_id(request),
@@ -371,10 +387,35 @@ class TritonPythonModel:
                 self.logger.log_error(f"{LOG_PREFIX} {traceback.format_exc()}")
             self._queue(job, _error_response(message, code), final=True)
 
+    def _engine_died(self):
+        """Replace a dead engine once; requests meanwhile get UNAVAILABLE at once."""
+        with self.restart_lock:
+            if self.restarting or not self.accepting:
+                return
+            self.restarting = True
+        self.logger.log_error(f"{LOG_PREFIX} the vLLM engine died; starting a new one")
+        asyncio.run_coroutine_threadsafe(self._restart_engine(), self.loop)
+
+    async def _restart_engine(self):
+        old = self.engine
+        with contextlib.suppress(Exception):
+            old.shutdown()
+        while self.accepting:
+            try:
+                # Building the engine blocks for seconds: keep the event loop free meanwhile.
+                self.engine = await self.loop.run_in_executor(None, self._new_engine)
+                self.logger.log_info(f"{LOG_PREFIX} new vLLM engine ready")
+                break
+            except Exception:
+                self.logger.log_error(f"{LOG_PREFIX} restarting the engine failed: {traceback.format_exc()}")
+                await asyncio.sleep(5)
+        self.restarting = False
+
     def _classify(self, exc):
         name = type(exc).__name__
         if self.engine.errored or name == "EngineDeadError":
-            return pb_utils.TritonError.UNAVAILABLE, f"the vLLM engine has died; the model is unavailable ({exc})"
+            self._engine_died()
+            return pb_utils.TritonError.UNAVAILABLE, f"the vLLM engine died; the model restarts it, retry shortly ({exc})"
         if isinstance(exc, (ValueError, TypeError)) or "ClientError" in name or "ValidationError" in name:
             return pb_utils.TritonError.INVALID_ARG, str(exc)
         return pb_utils.TritonError.INTERNAL, f"generation failed: {name}: {exc}"
@@ -439,12 +480,15 @@ class TritonPythonModel:
             flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             try:
                 response = self._response(job, payload) if isinstance(payload, Delta) else payload
-                job.sender.send(response, flags=flags)
+                with job.lock:
+                    job.sender.send(response, flags=flags)
+                    job.done = job.done or final
             except Exception:
                 self.logger.log_error(f"{LOG_PREFIX} sending a response of {job.id} failed: {traceback.format_exc()}")
                 if not final:
                     continue
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception), job.lock:
+                    job.done = True
                     job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             if final:
                 with self.jobs_lock:
@@ -458,10 +502,13 @@ class TritonPythonModel:
             with self.jobs_lock:
                 jobs = [j for j in self.jobs.values() if not j.cancelled and j.task is not None]
             for job in jobs:
-                try:
-                    cancelled = job.sender.is_cancelled()
-                except Exception:
-                    continue
+                with job.lock:
+                    if job.done:
+                        continue
+                    try:
+                        cancelled = job.sender.is_cancelled()
+                    except Exception:
+                        continue
                 if cancelled:
                     job.cancelled = True
                     self.loop.call_soon_threadsafe(job.task.cancel)
@@ -692,11 +739,14 @@ class Metrics:
     def request_finished(self):
         with self._lock:
             self._gauges["in_flight"] -= 1
+            if self._gauges["in_flight"] == 0:
+                # vLLM reports scheduler figures only while it steps; idle, it has nothing queued.
+                self._gauges["running"] = self._gauges["waiting"] = 0
 
     def record(self, scheduler_stats, iteration_stats):
         """Called by vLLM after every engine step, on the engine's event loop."""
         with self._lock:
-            if scheduler_stats is not None:
+            if scheduler_stats is not None and self._gauges["in_flight"] > 0:
                 self._gauges["running"] = scheduler_stats.num_running_reqs
                 self._gauges["waiting"] = scheduler_stats.num_waiting_reqs
             if iteration_stats is None:

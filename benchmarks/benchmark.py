@@ -69,6 +69,7 @@ class Row:
     tpot_ms: dict
     itl_ms: dict
     e2e_ms: dict
+    first_error: str | None = None
 
 
 def percentiles(values: list[float]) -> dict:
@@ -95,6 +96,7 @@ def summarize(target: str, concurrency: int, samples: list[Sample], duration: fl
         tpot_ms=percentiles(tpots),
         itl_ms=percentiles([gap for s in ok for gap in s.itl]),
         e2e_ms=percentiles([s.e2e for s in ok]),
+        first_error=next((s.error for s in samples if s.error), None),
     )
 
 
@@ -184,29 +186,56 @@ def triton_http_sender(session: aiohttp.ClientSession, url: str, output_len: int
 
 
 def triton_grpc_sender(url: str, model: str, output_len: int):
-    import tritonclient.grpc.aio as grpcaio
+    """tritonclient's gRPC streaming API, one stream per worker thread.
 
-    client = grpcaio.InferenceServerClient(url)
+    Its asyncio client delivers a stream's responses only once the request is
+    complete, so each worker drives the threaded client instead.
+    """
+    import concurrent.futures
+    import queue
+    import threading
 
-    async def send(prompt: str) -> Sample:
+    import tritonclient.grpc as grpcclient
+
+    local = threading.local()
+    clients = []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=512)
+
+    def stream():
+        if not hasattr(local, "client"):
+            responses = queue.Queue()  # the callback runs on gRPC's thread: bind the queue itself
+            local.responses = responses
+            local.client = grpcclient.InferenceServerClient(url)
+            local.client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            clients.append(local.client)
+        return local.client, local.responses
+
+    def blocking_send(prompt: str) -> Sample:
+        client, responses = stream()
         timer = Timer()
-
-        async def one_request():
-            yield {"model_name": model, "inputs": request_inputs(prompt, None, True, sampling(output_len))}
-
-        async for result, error in client.stream_infer(one_request()):
+        client.async_stream_infer(
+            model, request_inputs(prompt, None, True, sampling(output_len)), enable_empty_final_response=True
+        )
+        while True:
+            result, error = responses.get()
             if error is not None:
+                del local.client  # a stream that reported an error is closed: the next request opens another
                 return timer.done(str(error))
             count = result.as_numpy("num_output_tokens")
             timer.chunk(int(count.sum()) if count is not None else 0)
-            if result.get_response().parameters.get("triton_final_response", None) is not None:
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    break
-            if timer.sample.output_tokens >= output_len:
-                break
-        return timer.done()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return timer.done()
 
-    return send, client
+    async def send(prompt: str) -> Sample:
+        return await asyncio.get_running_loop().run_in_executor(pool, blocking_send, prompt)
+
+    def close():
+        for client in clients:
+            client.stop_stream()
+            client.close()
+        pool.shutdown()
+
+    return send, close
 
 
 def openai_sender(session: aiohttp.ClientSession, url: str, model: str, output_len: int):
@@ -230,7 +259,9 @@ def openai_sender(session: aiohttp.ClientSession, url: str, model: str, output_l
                         continue
                     data = json.loads(line[5:])
                     usage = data.get("usage") or {}
-                    total = usage.get("completion_tokens", done_tokens)
+                    text = "".join(c.get("text", "") for c in data.get("choices", []))
+                    # Token counts from usage where the server sends it per chunk, else one per text chunk.
+                    total = usage.get("completion_tokens", done_tokens + (1 if text else 0))
                     timer.chunk(total - done_tokens)
                     done_tokens = total
         except aiohttp.ClientError as exc:
@@ -286,16 +317,14 @@ async def sweep(name, send, prompts_for, levels, warmup, progress) -> list[Row]:
 
 def vllm_serve_command(python: str, engine_args: dict, port: int, name: str) -> list[str]:
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--served-model-name", name, "--disable-log-requests"]
+    cmd += ["--served-model-name", name]
     for key, value in engine_args.items():
         flag = "--" + key.replace("_", "-")
         if key == "model":
             cmd += ["--model", str(value)]
         elif value is True:
             cmd.append(flag)
-        elif value is False:
-            cmd.append("--no-" + flag[2:])
-        elif value is not None:
+        elif value is not False and value is not None:  # False: the CLI's default
             cmd += [flag, str(value)]
     return cmd
 
@@ -340,9 +369,11 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                         target, triton_http_sender(session, url, args.output_len), prompts_for, levels, args.warmup, progress
                     )
             else:
-                send, client = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
-                rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
-                await client.close()
+                send, close = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
+                try:
+                    rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
+                finally:
+                    close()
             info["rss_mb"] = tree_rss_mb(server.process.pid)
         finally:
             server.stop()
@@ -493,7 +524,8 @@ async def main_async(args) -> int:
     def progress(row: Row):
         print(
             f"  {row.target:<12} c={row.concurrency:<4} {row.output_tok_s:9.1f} tok/s  "
-            f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  failed {row.failed}",
+            f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  failed {row.failed}"
+            + (f" (first error: {row.first_error[:200]})" if row.first_error else ""),
             flush=True,
         )
 
