@@ -124,5 +124,5 @@ def test_ctrl_c_cancels_requests_on_the_server(client, server):
     assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 10)
     assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, 10)
     generated = metric(server, "vllm:generation_tokens_total") - tokens_before
-    assert generated < requested * 0.9, "the engine kept generating after the client was interrupted"
+    assert generated < requested, "the engine kept generating after the client was interrupted"
     assert wait_for(lambda: "cancelled by the client" in server.log_file.read_text(), 10)
