@@ -50,12 +50,16 @@ def error_text(resp: requests.Response) -> str:
 def to_chunk(data: dict) -> Chunk:
     if "error" in data:
         raise RequestFailed(data["error"])
-    counts = data.get("num_output_tokens")
+
+    def first(key, default=None):  # with n > 1 each output is a list: show the first sequence
+        value = data.get(key, default)
+        return value[0] if isinstance(value, list) and value else value
+
     return Chunk(
-        text=data.get("text_output", ""),
-        finish_reason=data.get("finish_reason") or None,
-        num_input_tokens=data.get("num_input_tokens"),
-        num_output_tokens=counts[0] if isinstance(counts, list) else counts,
+        text=first("text_output", ""),
+        finish_reason=first("finish_reason") or None,
+        num_input_tokens=first("num_input_tokens"),
+        num_output_tokens=first("num_output_tokens"),
     )
 
 

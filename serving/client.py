@@ -26,6 +26,7 @@ NOT_READY = 4  # the server is up but the model is unknown or not ready
 INTERRUPTED = 130
 
 SIGNAL_POLL_S = 0.2
+CANCEL_WAIT_S = 1.0
 
 
 class ClientError(Exception):
@@ -282,8 +283,10 @@ def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on
 
     def handle_sigint(signum, frame):
         interrupted.set()
-        if on_interrupt:
-            on_interrupt()
+        if on_interrupt:  # bounded: exiting closes the connections anyway, which also cancels
+            helper = threading.Thread(target=on_interrupt, daemon=True)
+            helper.start()
+            helper.join(CANCEL_WAIT_S)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handle_sigint)

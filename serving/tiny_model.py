@@ -46,7 +46,6 @@ MAX_POSITIONS = 2048
 
 def make_tokenizer(out_dir: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,16 +56,35 @@ def make_tokenizer(out_dir: Path):
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
+    return save_tokenizer(tok, out_dir, eos="<|im_end|>", max_length=MAX_POSITIONS)
+
+
+def save_tokenizer(tok, out_dir: Path, eos: str, max_length: int):
+    """Add the special tokens and the chat template, and save in Hugging Face format."""
+    from transformers import PreTrainedTokenizerFast
+
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token=eos,
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
-        model_max_length=MAX_POSITIONS,
+        model_max_length=max_length,
     )
     fast.save_pretrained(out_dir)
     return fast
+
+
+def save_random_model(config, out_dir: Path, seed: int) -> Path:
+    """Random bfloat16 weights for ``config``, saved with its generation config."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    return out_dir
 
 
 # Qwen/Qwen2.5-0.5B's published config.json.
@@ -92,7 +110,6 @@ def synthetic_bpe_tokenizer(out_dir: Path, regular_tokens: int, seed: int = 0):
     import random
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(seed)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
@@ -110,42 +127,24 @@ def synthetic_bpe_tokenizer(out_dir: Path, regular_tokens: int, seed: int = 0):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=QWEN25_05B["max_position_embeddings"],
-    )
-    fast.save_pretrained(out_dir)
-    return fast
+    return save_tokenizer(tok, out_dir, eos="<|endoftext|>", max_length=QWEN25_05B["max_position_embeddings"])
 
 
 def make_qwen25_shaped_model(out_dir: Path, seed: int = 0) -> Path:
     """Write a model with Qwen2.5-0.5B's configuration, random weights and vocabulary size."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     synthetic_bpe_tokenizer(out_dir, QWEN25_REGULAR_TOKENS, seed)
-    torch.manual_seed(seed)
-    config = Qwen2Config(**QWEN25_05B, torch_dtype="bfloat16")
-    with torch.device("cpu"):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
-    return out_dir
+    return save_random_model(Qwen2Config(**QWEN25_05B, torch_dtype="bfloat16"), out_dir, seed)
 
 
 def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
     """Write a Qwen2ForCausalLM with random weights and its tokenizer to ``out_dir``."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out_dir)
-    torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -159,7 +158,4 @@ def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         torch_dtype="bfloat16",
     )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out_dir)
-    model.generation_config.save_pretrained(out_dir)
-    return out_dir
+    return save_random_model(config, out_dir, seed)
