@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
-import psutil  # noqa: E402
 
 from client_grpc import request_inputs  # noqa: E402
 from client_http import request_body  # noqa: E402
-from serving.tritonserver import LocalServer, free_port, stop_process_group  # noqa: E402
+from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_rss_mb  # noqa: E402
 
 TARGETS = ["triton-http", "triton-grpc", "engine", "vllm-serve"]
 
@@ -284,21 +283,6 @@ def engine_sender(engine, output_len: int):
         return timer.done()
 
     return send
-
-
-def tree_rss_mb(pid: int) -> float:
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
 
 
 # ---------------------------------------------------------------------- runs

@@ -279,10 +279,8 @@ def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on
         parser.error("--concurrency must be at least 1")
     if args.system:
         args.chat = True
-    interrupted = threading.Event()
 
     def handle_sigint(signum, frame):
-        interrupted.set()
         if on_interrupt:  # bounded: exiting closes the connections anyway, which also cancels
             helper = threading.Thread(target=on_interrupt, daemon=True)
             helper.start()

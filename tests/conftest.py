@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from serving.tritonserver import LocalServer, free_port
 
@@ -31,6 +33,30 @@ def run_script(*args: str, timeout: float = 300, env: dict | None = None, **kwar
         env={**os.environ, **(env or {})},
         **kwargs,
     )
+
+
+def metrics(server) -> dict:
+    """This model's figures on the metrics port, by metric name."""
+    values = {}
+    for line in requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vllm:") and f'model="{MODEL}"' in line and 'version="1"' in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    return values
+
+
+def metric(server, name) -> float:
+    values = metrics(server)
+    if name not in values:
+        raise AssertionError(f"{name} missing from /metrics")
+    return values[name]
+
+
+def wait_for(condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
 
 
 @pytest.fixture(scope="session")

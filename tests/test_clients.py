@@ -4,11 +4,9 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
-import requests
-from conftest import PYTHON, ROOT, free_port, run_script
+from conftest import PYTHON, ROOT, free_port, metric, run_script, wait_for
 
 CLIENTS = ["client_http.py", "client_grpc.py"]
 
@@ -87,21 +85,6 @@ def test_unknown_model_exits_4(client):
     done = ask(client, "--model", "no-such-model", "Hi")
     assert done.returncode == 4
     assert "model 'no-such-model' is not ready" in done.stderr
-
-
-def metric(server, name) -> float:
-    text = requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=5).text
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} missing from /metrics")
-
-
-def wait_for(condition, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return condition()
 
 
 def test_ctrl_c_cancels_requests_on_the_server(client, server):

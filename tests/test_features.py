@@ -7,7 +7,7 @@ import time
 
 import pytest
 import requests
-from conftest import MODEL
+from conftest import metrics
 
 
 def generate(url, **body):
@@ -120,15 +120,6 @@ def test_request_id_names_the_request_in_the_log(server, generate_url):
     while "req-42-abc" not in server.log_file.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "req-42-abc" in server.log_file.read_text()
-
-
-def metrics(server) -> dict:
-    values = {}
-    for line in requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm:") and f'model="{MODEL}"' in line and 'version="1"' in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
-    return values
 
 
 def test_metrics_move_by_the_right_amounts(server, generate_url):

@@ -13,8 +13,9 @@ import psutil
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import MODEL
-from test_clients import metric, wait_for
+from conftest import MODEL, metric, wait_for
+
+from serving.tritonserver import tree_rss_mb
 
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
 LONG_PROMPT = "word " * 3000  # beyond the tiny model's 2048-token context
@@ -165,11 +166,6 @@ def test_a_good_stream_is_untouched_by_bad_traffic(grpc_url, generate_url):
 # ----------------------------------------------------------------- slow runs
 
 
-def server_rss_mb(server) -> float:
-    proc = psutil.Process(server.process.pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
-
-
 def one_request(generate_url, grpc_url, i):
     """Alternates HTTP/gRPC and streaming/non-streaming; returns the text or raises."""
     prompt = f"Request number {i % 7}"
@@ -211,7 +207,7 @@ def test_load_every_request_answered_exactly_once(server, generate_url, grpc_url
         assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 10)
         assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, 10)
         assert metric(server, "vllm:num_requests_waiting") == 0
-        rss.append(server_rss_mb(server))
+        rss.append(tree_rss_mb(server.process.pid))
     record_property("rss_mb_per_round", rss)
     print(f"server resident memory after each round of 500: {[round(r) for r in rss]} MB")
     assert rss[2] < rss[0] * 1.10 + 100, f"resident memory keeps growing: {rss}"
