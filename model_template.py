@@ -26,6 +26,7 @@ import uuid  # noqa: E402
 from dataclasses import dataclass, field, fields  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
@@ -232,6 +233,11 @@ class TritonPythonModel:
             device = args["model_instance_device_id"]
             self.logger.log_info(f"{LOG_PREFIX} KIND_GPU instance on GPU {device}")
             os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+        elif world > 1 and torch.cuda.is_available() and torch.cuda.device_count() < world:
+            raise pb_utils.TritonModelException(
+                f"{ENGINE_ARGS_FILE} asks for {world} GPUs (tensor_parallel_size x pipeline_parallel_size) "
+                f"but {torch.cuda.device_count()} are visible: lower tensor_parallel_size or set CUDA_VISIBLE_DEVICES"
+            )
 
     def _read_loras(self, version_dir, config):
         if str(config.get("enable_lora", False)).lower() != "true":
@@ -516,7 +522,9 @@ class TritonPythonModel:
     # --------------------------------------------------------------- shutdown
 
     def finalize(self):
-        self.logger.log_info(f"{LOG_PREFIX} shutting down: waiting up to {SHUTDOWN_GRACE_S:.0f} s for requests in flight")
+        self.logger.log_info(
+            f"{LOG_PREFIX} shutting down: {len(self.jobs)} request(s) in flight, waiting up to {SHUTDOWN_GRACE_S:.0f} s for them"
+        )
         self.accepting = False
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         while self.jobs and time.monotonic() < deadline:

@@ -67,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Triton instance kind; KIND_MODEL lets vLLM place itself (default: %(default)s)",
     )
     out.add_argument("--no-metrics", action="store_true", help="do not report vLLM metrics on the metrics port")
+    out.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the PEFT LoRA adapter in DIR as NAME (repeatable); requests pick it with lora_name. "
+        "Sets enable_lora and writes 1/multi_lora.json",
+    )
 
     eng = parser.add_argument_group("vLLM engine arguments written to 1/model.json")
     eng.add_argument(
@@ -111,6 +119,16 @@ def parse_engine_arg(item: str) -> tuple[str, object]:
         return key.replace("-", "_"), raw
 
 
+def parse_lora(item: str) -> tuple[str, str]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--lora expects NAME=DIR, got {item!r}")
+    path = Path(folder).resolve()
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"--lora {name}: {path} has no adapter_config.json (a PEFT LoRA adapter folder is expected)")
+    return name, str(path)
+
+
 def fetch_weights(args: argparse.Namespace, version_dir: Path) -> str:
     """Return the ``model`` value for model.json: a folder relative to 1/, or absolute."""
     if args.local_dir:
@@ -141,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         overrides = dict(parse_engine_arg(item) for item in args.engine_arg)
+        loras = dict(parse_lora(item) for item in args.lora)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -177,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_args(model_path, device, overrides),
         instance_kind=args.instance_kind,
         metrics=not args.no_metrics,
+        loras=loras,
     )
     print(f"Model '{args.name}' ready in {model_dir} ({device} defaults; engine arguments in {version_dir / 'model.json'}).")
     return 0

@@ -1,4 +1,5 @@
-"""The one writer of a model's Triton files: ``config.pbtxt``, ``1/model.json``, ``1/model.py``.
+"""The one writer of a model's Triton files: ``config.pbtxt``, ``1/model.json``, ``1/model.py``
+and, when LoRA adapters are served, ``1/multi_lora.json``.
 
 ``prepare_qwen_pt.py`` calls ``write_model`` with the engine arguments made by
 ``engine_args``; the model reads ``model.json`` once at load time.
@@ -61,11 +62,20 @@ def write_model(
     args: dict,
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
+    loras: dict[str, str] | None = None,
 ) -> Path:
-    """Create or refresh ``repository/name``; weights elsewhere are left untouched."""
+    """Create or refresh ``repository/name``; weights elsewhere are left untouched.
+
+    ``loras`` maps adapter names to adapter folders; giving any enables LoRA.
+    """
     model_dir = repository / name
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
+    lora_file = version_dir / "multi_lora.json"
+    lora_file.unlink(missing_ok=True)
+    if loras:
+        args = {**args, "enable_lora": True}
+        lora_file.write_text(json.dumps(loras, indent=2) + "\n")
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics))
     (version_dir / "model.json").write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")

@@ -159,3 +159,41 @@ def make_tiny_model(out_dir: Path, seed: int = 0) -> Path:
         torch_dtype="bfloat16",
     )
     return save_random_model(config, out_dir, seed)
+
+
+def make_lora_adapter(model_dir: Path, out_dir: Path, rank: int = 8, seed: int = 1) -> Path:
+    """A PEFT-format LoRA adapter on q_proj and v_proj of ``model_dir``, random weights.
+
+    Both LoRA matrices are non-zero, so the adapter changes the model's answers.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    head_dim = config.hidden_size // config.num_attention_heads
+    outputs = {"q_proj": config.hidden_size, "v_proj": config.num_key_value_heads * head_dim}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module, out_features in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            shapes = {"lora_A": (rank, config.hidden_size), "lora_B": (out_features, rank)}
+            for part, shape in shapes.items():
+                tensors[f"{prefix}.{part}.weight"] = torch.randn(shape, generator=generator) * 0.5
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out_dir / "adapter_model.safetensors")
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model_dir),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(outputs),
+        "bias": "none",
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return out_dir

@@ -198,25 +198,47 @@ def is_ready(url: str) -> bool:
 
 
 def stop_process_group(pid: int, timeout_s: float) -> int | None:
-    """SIGTERM the server's process group, SIGKILL whatever is left after the timeout.
+    """Stop the server gracefully, then end whatever is left of its process group.
 
-    The group holds the stub and vLLM's engine processes too, so nothing is
-    left behind. Returns the signal that ended it, or None if it was gone.
+    SIGTERM goes to tritonserver alone: it lets requests in flight finish, then
+    unloads the model, which shuts vLLM's engine down. Signalling the whole
+    group at once would kill the engine under those requests. After
+    ``timeout_s`` (or once the server is gone) the group, which holds the stub
+    and the engine processes, gets SIGTERM and then SIGKILL, so nothing is left
+    behind. Returns the signal that ended the server, or None if it was gone.
     """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return None if _killpg_until_gone(pid) is None else signal.SIGTERM
+    if _wait_gone(lambda: os.kill(pid, 0), pid, timeout_s):
+        _killpg_until_gone(pid)
+        return signal.SIGTERM
+    return _killpg_until_gone(pid) or signal.SIGKILL
+
+
+def _killpg_until_gone(pgid: int) -> int | None:
+    """SIGTERM, then SIGKILL the group; the signal that emptied it, None if it was empty."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return None if sig == signal.SIGTERM else signal.SIGTERM
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pid, 0)
-            except ProcessLookupError:
-                return sig
-            _reap(pid)
-            time.sleep(0.2)
+        if _wait_gone(lambda: os.killpg(pgid, 0), pgid, 5):
+            return sig
     return signal.SIGKILL
+
+
+def _wait_gone(probe, pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        _reap(pid)
+        try:
+            probe()
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _reap(pid: int) -> None:

@@ -1,15 +1,18 @@
 """The launcher's start/stop, as start_triton.sh uses it: nothing left behind."""
 
+import json
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import ROOT, run_script
+from conftest import MODEL, ROOT, metric, run_script, wait_for
 
-from serving.tritonserver import free_port
+from serving.tritonserver import LocalServer, free_port
 
 
 @pytest.mark.slow
@@ -38,3 +41,40 @@ def test_stop_after_the_engine_was_killed_leaves_no_process(tiny_repository, tmp
     alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {[p.name() for p in alive]}"
     assert not pid_file.exists()
+
+
+@pytest.mark.slow
+def test_stop_lets_a_stream_in_flight_finish(tiny_repository, tmp_path):
+    server = LocalServer(
+        model_repository=tiny_repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
+        log_file=tmp_path / "server.log",
+    )
+    server.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
+    params = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    body = {"text_input": "Hi", "stream": True, "return_num_output_tokens": True, "sampling_parameters": json.dumps(params)}
+    # Connection: close, or Triton waits for the idle keep-alive connection until its exit timeout.
+    stream = requests.post(
+        f"{server.url}/v2/models/{MODEL}/generate_stream",
+        json=body,
+        headers={"Connection": "close"},
+        stream=True,
+        timeout=120,
+    )
+    lines = stream.iter_lines()
+    first = next(line for line in lines if line.startswith(b"data:"))
+    assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, 10)
+    stopping = threading.Thread(target=server.stop)
+    began = time.monotonic()
+    stopping.start()
+    events = [json.loads(first[5:])] + [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+    stream.close()
+    stopping.join()
+    assert sum(e["num_output_tokens"] for e in events) == 2000
+    assert time.monotonic() - began < server.exit_timeout_s
+    assert server.process.returncode == 0
+    log = (tmp_path / "server.log").read_text()
+    assert "shutdown complete" in log

@@ -1,0 +1,114 @@
+"""Loading models: LoRA adapters, and clear load-time errors for a bad model.json
+or config.pbtxt. A server of its own in explicit model-control mode, so that each
+model loads, or fails to, on request while the others keep serving."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import MODEL, ROOT, run_script
+
+from serving.tiny_model import make_lora_adapter
+from serving.tritonserver import LocalServer, free_port
+
+ADAPTERS = {"shout": 1, "whisper": 2}  # adapter name -> seed of its random weights
+
+
+def prepare(repo: Path, weights: Path, name: str, *flags: str) -> Path:
+    done = run_script(
+        "prepare_qwen_pt.py", "--local-dir", str(weights), "--repository", str(repo),
+        "--name", name, "--device", "cpu", *flags,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return repo / name
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_repository, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("load_repository")
+    weights = tiny_repository / MODEL / "1" / "weights"
+    lora_flags = []
+    for name, seed in ADAPTERS.items():
+        make_lora_adapter(weights, repo.parent / f"adapter-{name}", seed=seed)
+        lora_flags += ["--lora", f"{name}={repo.parent / f'adapter-{name}'}"]
+    prepare(repo, weights, "lora", *lora_flags)
+
+    (prepare(repo, weights, "bad-json") / "1" / "model.json").write_text('{"model": "weights",')
+    prepare(repo, weights, "unknown-arg", "--engine-arg", "max_tokenz=5")
+    prepare(repo, weights, "lora-without-adapters", "--engine-arg", "enable_lora=true")
+    prepare(repo, weights, "context-too-long", "--max-model-len", "1000000")
+    prepare(repo, weights, "gpu-split", "--instance-kind", "KIND_GPU", "--tensor-parallel-size", "2")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def load_server(repository, tmp_path_factory):
+    srv = LocalServer(
+        model_repository=repository,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
+        log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log",
+        extra_args=["--model-control-mode=explicit", "--load-model=lora"],
+    )
+    srv.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
+    yield srv
+    srv.stop()
+
+
+def generate(server, lora_name=None, stream=False):
+    params = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    if lora_name:
+        params["lora_name"] = lora_name
+    body = {"text_input": "Hello world", "exclude_input_in_output": True, "sampling_parameters": json.dumps(params)}
+    url = f"{server.url}/v2/models/lora/generate" + ("_stream" if stream else "")
+    resp = requests.post(url, json=body, timeout=120)
+    if not stream or resp.status_code != 200:
+        return resp
+    events = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data:")]
+    return "".join(e["text_output"] for e in events)
+
+
+def load(server, name):
+    return requests.post(f"{server.url}/v2/repository/models/{name}/load", timeout=300)
+
+
+def test_each_lora_adapter_changes_the_answer_deterministically(load_server):
+    base = generate(load_server).json()["text_output"]
+    answers = {name: generate(load_server, name).json()["text_output"] for name in ADAPTERS}
+    assert base not in answers.values()
+    assert answers["shout"] != answers["whisper"]
+    assert generate(load_server, "shout").json()["text_output"] == answers["shout"]
+    assert generate(load_server).json()["text_output"] == base  # the adapter leaves the base model alone
+
+
+def test_lora_streaming_matches_non_streaming(load_server):
+    assert generate(load_server, "whisper", stream=True) == generate(load_server, "whisper").json()["text_output"]
+
+
+def test_unknown_lora_adapter_is_rejected_with_the_available_names(load_server):
+    resp = generate(load_server, "sing")
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "unknown LoRA adapter 'sing'; available: ['shout', 'whisper']"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("bad-json", "model.json is not valid JSON"),
+        ("unknown-arg", "model.json: unknown engine argument(s) ['max_tokenz']"),
+        ("lora-without-adapters", "sets enable_lora, so"),
+        ("context-too-long", "vLLM engine failed to start with"),
+        ("gpu-split", "KIND_GPU"),
+    ],
+)
+def test_a_model_that_cannot_load_says_why_and_harms_no_other(load_server, name, expected):
+    resp = load(load_server, name)
+    assert resp.status_code == 400
+    assert expected in resp.json()["error"], resp.json()["error"]
+    ready = requests.get(f"{load_server.url}/v2/models/{name}/ready", timeout=10)
+    assert ready.status_code != 200
+    assert generate(load_server).status_code == 200
