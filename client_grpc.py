@@ -17,6 +17,7 @@ import queue
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -29,24 +30,16 @@ STREAMS: list[grpcclient.InferenceServerClient] = []
 
 
 def connect(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
-    root = args.root_certificates.read_bytes() if args.root_certificates else None
-    return grpcclient.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=root)
-
-
-def headers(args: argparse.Namespace) -> dict:
-    pairs = {}
-    for item in args.header:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ClientError(client.USAGE, f"--header expects NAME=VALUE, got {item!r}")
-        pairs[key.lower()] = value
-    return pairs
+    root = args.root_certificates
+    if root and not root.is_file():
+        raise ClientError(client.USAGE, f"--root-certificates {root}: no such file")
+    return grpcclient.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=str(root) if root else None)
 
 
 def check_model(args: argparse.Namespace) -> None:
     try:
         conn = connect(args)
-        live = conn.is_server_live(headers=headers(args))
+        live = conn.is_server_live(headers=client.headers(args))
     except InferenceServerException as exc:
         raise ClientError(
             client.UNREACHABLE, f"no Triton server at {args.url} ({exc.message()}); is it running? ./start_triton.sh"
@@ -54,7 +47,7 @@ def check_model(args: argparse.Namespace) -> None:
     if not live:
         raise ClientError(client.UNREACHABLE, f"the Triton server at {args.url} is not live")
     try:
-        ready = conn.is_model_ready(args.model, headers=headers(args))
+        ready = conn.is_model_ready(args.model, headers=client.headers(args))
     except InferenceServerException:
         ready = False
     if not ready:
@@ -106,7 +99,7 @@ def to_chunk(result) -> Chunk:
 
 def make_generate(args: argparse.Namespace, params: dict):
     check_model(args)
-    extra_headers = headers(args)
+    extra_headers = client.headers(args)
 
     def generate(prompt, messages):
         responses: queue.Queue = queue.Queue()
@@ -152,12 +145,9 @@ def cancel_all() -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     client.add_common_args(parser, default_url="localhost:8001")
-    tls = parser.add_argument_group("remote servers")
+    tls = parser.add_argument_group("TLS")
     tls.add_argument("--ssl", action="store_true", help="connect with TLS")
-    tls.add_argument("--root-certificates", type=__import__("pathlib").Path, help="PEM file of CA certificates for --ssl")
-    tls.add_argument(
-        "-H", "--header", action="append", default=[], metavar="NAME=VALUE", help="extra gRPC metadata header (repeatable)"
-    )
+    tls.add_argument("--root-certificates", type=Path, help="PEM file of CA certificates for --ssl")
     return client.main(parser, make_generate, argv, on_interrupt=cancel_all)
 
 

@@ -81,7 +81,9 @@ def request_body(prompt: str, messages, stream: bool, params: dict) -> dict:
 
 def make_generate(args: argparse.Namespace, params: dict):
     base = base_url(args.url)
+    extra_headers = client.headers(args)
     probe = requests.Session()
+    probe.headers.update(extra_headers)
     check_model(probe, base, args.model)
     probe.close()
     endpoint = "generate_stream" if args.stream else "generate"
@@ -89,6 +91,7 @@ def make_generate(args: argparse.Namespace, params: dict):
 
     def generate(prompt, messages):
         session = requests.Session()  # one per call: sessions are not thread-safe
+        session.headers.update(extra_headers)
         body = request_body(prompt, messages, args.stream, params)
         try:
             with session.post(url, json=body, stream=args.stream, timeout=args.timeout) as resp:

@@ -603,8 +603,9 @@ def _sampling_dict(request):
         raise RequestError(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(params, dict):
         raise RequestError(f"{source} must be a JSON object, got {type(params).__name__}")
-    # Triton's own request parameters (triton_enable_empty_final_response, ...).
-    return {k: v for k, v in params.items() if not k.startswith("triton_")}
+    # Triton's own request parameters (triton_enable_empty_final_response, ...), and the
+    # generate endpoint's "id", which is already the request id.
+    return {k: v for k, v in params.items() if not k.startswith("triton_") and k != "id"}
 
 
 def _sampling_fields():

@@ -21,7 +21,8 @@ Options:
   --name NAME    served model name used when preparing (default qwen2.5-0.5b)
   --public       listen on all interfaces instead of 127.0.0.1 only
   --api-key KEY  require header 'x-triton-key: KEY' for the model-control,
-                 shared-memory, trace and logging APIs (also TRITON_API_KEY)
+                 shared-memory, trace and logging APIs (also TRITON_API_KEY);
+                 over gRPC the metadata key is 'triton-grpc-protocol-x-triton-key'
   --dry-run      print the commands that would run, change nothing
   --stop         stop the server started by this script (either mode)
   -h, --help     show this help

@@ -76,6 +76,14 @@ def add_common_args(parser: argparse.ArgumentParser, default_url: str) -> None:
     srv.add_argument("-u", "--url", default=default_url, help="server address (default: %(default)s)")
     srv.add_argument("-m", "--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
     srv.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for one request (default: %(default)s)")
+    srv.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra header sent with every call, e.g. a key the server or a proxy in front of it expects (repeatable)",
+    )
 
     smp = parser.add_argument_group("sampling")
     smp.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: %(default)s)")
@@ -117,6 +125,16 @@ def sampling_parameters(args: argparse.Namespace) -> dict:
         except json.JSONDecodeError:
             params[key] = raw
     return params
+
+
+def headers(args: argparse.Namespace) -> dict[str, str]:
+    pairs = {}
+    for item in args.header:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClientError(USAGE, f"--header expects NAME=VALUE, got {item!r}")
+        pairs[key.lower()] = value
+    return pairs
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -220,7 +238,9 @@ def report(args: argparse.Namespace, result: Result, printed: bool, many: bool) 
 
 
 def timing_line(result: Result) -> str:
-    parts = [f"{result.num_output_tokens} tokens", f"{result.latency_s:.2f} s"]
+    parts = [f"{result.num_output_tokens} new tokens", f"{result.latency_s:.2f} s"]
+    if result.num_input_tokens is not None:
+        parts.insert(0, f"{result.num_input_tokens} prompt tokens")
     if result.ttft_s is not None:
         parts.append(f"TTFT {result.ttft_s * 1000:.0f} ms")
     if result.tokens_per_s:

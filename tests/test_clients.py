@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -26,7 +27,7 @@ def test_answers_a_prompt(client):
     done = ask(client, "--max-tokens", "8", "--temperature", "0", "Hello world")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
-    assert "8 tokens" in done.stderr
+    assert "8 new tokens" in done.stderr
 
 
 def test_stream_prints_the_same_text_as_non_stream(client):
@@ -110,3 +111,16 @@ def test_ctrl_c_cancels_requests_on_the_server(client, server):
     generated = metric(server, "vllm:generation_tokens_total") - tokens_before
     assert generated < requested, "the engine kept generating after the client was interrupted"
     assert wait_for(lambda: "cancelled by the client" in server.log_file.read_text(), 10)
+
+
+def test_interactive_keeps_the_conversation(client, tmp_path):
+    out = tmp_path / "chat.txt"
+    done = ask(client, "-i", "--max-tokens", "8", "--temperature", "0", "-o", str(out), input="Hello\nAgain\n\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("assistant> ") == 2
+    turns = [tuple(map(int, m)) for m in re.findall(r"\[(\d+) prompt tokens, (\d+) new tokens", done.stderr)]
+    assert len(turns) == 2
+    (first_in, first_out), (second_in, _) = turns
+    # The second turn's prompt carries the first question and answer: far longer than a fresh chat.
+    assert second_in >= first_in + first_out
+    assert out.read_text().count("Prompt: ") == 2

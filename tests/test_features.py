@@ -113,9 +113,11 @@ def test_lora_name_without_lora_enabled_is_rejected(generate_url):
     assert "LoRA is not enabled" in resp.json()["error"]
 
 
-def test_request_id_names_the_request_in_the_log(server, generate_url):
+def test_request_id_is_accepted_and_names_the_request_in_the_log(server, generate_url):
+    assert generate(generate_url, id="req-41-ok", text_input="Hi", parameters={"max_tokens": 3}).status_code == 200
     resp = generate(generate_url, id="req-42-abc", text_input="Hi", parameters={"max_tokens": 3, "min_p": 7})
     assert resp.status_code == 400
+    assert "min_p" in resp.json()["error"]
     deadline = time.monotonic() + 10
     while "req-42-abc" not in server.log_file.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
