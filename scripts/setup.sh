@@ -81,6 +81,16 @@ fi
 echo "setup: installing the $flavor environment into $VENV (first run takes a few minutes)..."
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "${venv_args[@]}" "$VENV"
 pip=("$VENV/bin/python" -m pip)
+if [[ ${#venv_args[@]} -gt 0 ]]; then
+  # An interpreter that is itself a virtual environment (the python3 of some GPU
+  # images) does not pass its packages on through --system-site-packages: list its
+  # site-packages in a .pth file, after .venv's own, so .venv's pins still win.
+  host_sites=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages()) if sys.prefix != sys.base_prefix else "")')
+  venv_site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  if [[ -n "$host_sites" ]]; then
+    echo "$host_sites" > "$venv_site/host-site-packages.pth"
+  fi
+fi
 
 "${pip[@]}" install "${pip_args[@]}" -r "requirements/serve-$flavor.txt" -r requirements/test.txt
 # Separately, because vLLM's own dependencies ask for numpy 2 while Triton 2.51's

@@ -3,6 +3,8 @@
 Environment variables:
   TEST_VENV         virtual environment with Triton and vLLM (default: .venv)
   TEST_START_TIMEOUT  seconds the server may take to become ready (default: 600)
+  TEST_DEVICE       cpu (default) or gpu: the engine defaults the models get; gpu
+                    also selects the tests marked ``gpu`` (deselected otherwise)
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ from serving.tritonserver import LocalServer, free_port
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-0.5b"
 PYTHON = sys.executable
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")
+# prepare_qwen_pt.py flags for the device; on a GPU several test servers share the card.
+DEVICE_FLAGS = ["--device", DEVICE] + (["--gpu-memory-utilization", "0.15"] if DEVICE == "gpu" else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE == "gpu":
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
 def run_script(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -62,7 +76,7 @@ def wait_for(condition, timeout_s):
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
-    done = run_script("prepare_qwen_pt.py", "--tiny", "--repository", str(repo), "--device", "cpu")
+    done = run_script("prepare_qwen_pt.py", "--tiny", "--repository", str(repo), *DEVICE_FLAGS)
     assert done.returncode == 0, done.stderr
     return repo
 

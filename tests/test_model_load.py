@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import MODEL, ROOT, run_script
+from conftest import DEVICE_FLAGS, MODEL, ROOT, run_script
 
 from serving.tiny_model import make_lora_adapter
 from serving.tritonserver import LocalServer, free_port
@@ -19,7 +19,7 @@ ADAPTERS = {"shout": 1, "whisper": 2}  # adapter name -> seed of its random weig
 def prepare(repo: Path, weights: Path, name: str, *flags: str) -> Path:
     done = run_script(
         "prepare_qwen_pt.py", "--local-dir", str(weights), "--repository", str(repo),
-        "--name", name, "--device", "cpu", *flags,
+        "--name", name, *DEVICE_FLAGS, *flags,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return repo / name
@@ -40,6 +40,8 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "lora-without-adapters", "--engine-arg", "enable_lora=true")
     prepare(repo, weights, "context-too-long", "--max-model-len", "1000000")
     prepare(repo, weights, "gpu-split", "--instance-kind", "KIND_GPU", "--tensor-parallel-size", "2")
+    prepare(repo, weights, "gpu-instance", "--instance-kind", "KIND_GPU")
+    prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     return repo
 
 
@@ -112,3 +114,19 @@ def test_a_model_that_cannot_load_says_why_and_harms_no_other(load_server, name,
     ready = requests.get(f"{load_server.url}/v2/models/{name}/ready", timeout=10)
     assert ready.status_code != 200
     assert generate(load_server).status_code == 200
+
+
+@pytest.mark.gpu
+def test_kind_gpu_instance_serves_on_its_gpu(load_server):
+    assert load(load_server, "gpu-instance").status_code == 200
+    resp = requests.post(f"{load_server.url}/v2/models/gpu-instance/generate", json={"text_input": "Hi"}, timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert "KIND_GPU instance on GPU 0" in load_server.log_file.read_text()
+    assert requests.post(f"{load_server.url}/v2/repository/models/gpu-instance/unload", timeout=120).status_code == 200
+
+
+@pytest.mark.gpu
+def test_more_gpus_than_visible_is_refused_at_load(load_server):
+    resp = load(load_server, "too-many-gpus")
+    assert resp.status_code == 400
+    assert "asks for 64 GPUs" in resp.json()["error"], resp.json()["error"]

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import MODEL, metric, wait_for
+from conftest import MODEL, metric, metrics, wait_for
 
 from serving.tritonserver import tree_rss_mb
 
@@ -236,8 +236,12 @@ def test_fifty_clients_dropping_mid_stream(server, generate_url, grpc_url):
     with ThreadPoolExecutor(max_workers=50) as pool:
         list(pool.map(lambda i: drop_http(i) if i % 2 else drop_grpc(i), range(50)))
     dropped_at = time.monotonic()
-    assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 10)
-    assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, 10)
+
+    def all_aborted():
+        figures = metrics(server)
+        return figures["vllm:num_requests_in_flight"] == 0 and figures["vllm:num_requests_running"] == 0
+
+    assert wait_for(all_aborted, 2.0), "the engine still runs dropped requests 2 s after the last client left"
     print(f"all 50 aborted within {time.monotonic() - dropped_at:.1f} s")
     assert metric(server, "vllm:generation_tokens_total") - tokens_before < 50 * 1500, "some streams ran to the end"
     ok = requests.post(generate_url, json={"text_input": "Still there?", "parameters": GREEDY}, timeout=60)
@@ -264,24 +268,25 @@ def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url)
         resp = requests.post(generate_url, json={"text_input": "Hi", "parameters": {"max_tokens": 2}}, timeout=30)
         return resp.status_code == 200
 
+    # Eight requests of 2,000 tokens: tens of seconds of work, all still running at the kill.
     workers = [threading.Thread(target=long_request, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     try:
-        for w in workers:
-            w.start()
-        time.sleep(1.0)
-        killed_at = time.monotonic()
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
         for w in workers:
             w.join(timeout=max(0.1, killed_at + 10 - time.monotonic()))
         assert not any(w.is_alive() for w in workers), "a request was still hanging 10 s after the engine died"
         answers = [results.get_nowait() for _ in range(8)]
-        failed = [text for code, text in answers if code != 200]
-        assert failed, "no request in flight noticed the engine's death"
-        assert all("engine" in text for text in failed), failed
+        assert all(code != 200 and "engine" in text for code, text in answers), answers
 
+        asked = time.monotonic()
         fast = requests.post(generate_url, json={"text_input": "Hi", "parameters": {"max_tokens": 2}}, timeout=10)
         assert fast.status_code != 200 and "engine" in fast.json()["error"]
+        assert time.monotonic() - asked < 2.0, "a new request waited instead of failing at once"
     finally:
-        assert wait_for(serving_again, 120), "the model did not restart its engine"
+        assert wait_for(serving_again, max(1.0, killed_at + 60 - time.monotonic())), "not serving again 60 s after the kill"
     assert engine_core_pids(server) and set(engine_core_pids(server)).isdisjoint(pids)
