@@ -81,19 +81,23 @@ def tiny_repository(tmp_path_factory) -> Path:
     return repo
 
 
-@pytest.fixture(scope="session")
-def server(tiny_repository, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+def start_server(repository: Path, log_file: Path, **options) -> LocalServer:
+    """A real local tritonserver on free ports, started and ready."""
     srv = LocalServer(
-        model_repository=tiny_repository,
+        model_repository=repository,
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
         venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
-        log_file=log,
-        api_key="test-key",
+        log_file=log_file,
+        **options,
     )
-    srv.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
+    return srv.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repository, tmp_path_factory):
+    srv = start_server(tiny_repository, tmp_path_factory.mktemp("logs") / "tritonserver.log", api_key="test-key")
     yield srv
     srv.stop()
 

@@ -5,14 +5,13 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import MODEL, ROOT, metric, run_script, wait_for
+from conftest import MODEL, ROOT, metric, run_script, start_server, wait_for
 
-from serving.tritonserver import LocalServer, free_port
+from serving.tritonserver import free_port
 
 
 @pytest.mark.slow
@@ -45,15 +44,7 @@ def test_stop_after_the_engine_was_killed_leaves_no_process(tiny_repository, tmp
 
 @pytest.mark.slow
 def test_stop_lets_a_stream_in_flight_finish(tiny_repository, tmp_path):
-    server = LocalServer(
-        model_repository=tiny_repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
-        log_file=tmp_path / "server.log",
-    )
-    server.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
+    server = start_server(tiny_repository, tmp_path / "server.log")
     params = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}
     body = {"text_input": "Hi", "stream": True, "return_num_output_tokens": True, "sampling_parameters": json.dumps(params)}
     # Connection: close, or Triton waits for the idle keep-alive connection until its exit timeout.

@@ -3,15 +3,13 @@ or config.pbtxt. A server of its own in explicit model-control mode, so that eac
 model loads, or fails to, on request while the others keep serving."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import DEVICE_FLAGS, MODEL, ROOT, run_script
+from conftest import DEVICE_FLAGS, MODEL, run_script, start_server
 
 from serving.tiny_model import make_lora_adapter
-from serving.tritonserver import LocalServer, free_port
 
 ADAPTERS = {"shout": 1, "whisper": 2}  # adapter name -> seed of its random weights
 
@@ -47,16 +45,11 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def load_server(repository, tmp_path_factory):
-    srv = LocalServer(
-        model_repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
-        log_file=tmp_path_factory.mktemp("logs") / "tritonserver.log",
+    srv = start_server(
+        repository,
+        tmp_path_factory.mktemp("logs") / "tritonserver.log",
         extra_args=["--model-control-mode=explicit", "--load-model=lora"],
     )
-    srv.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
     yield srv
     srv.stop()
 

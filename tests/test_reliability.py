@@ -259,20 +259,29 @@ def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url)
     assert pids, "no vLLM engine process found under the server"
     results = queue.Queue()
 
+    streaming = threading.Semaphore(0)
+
     def long_request(i):
-        body = {"text_input": f"z{i}", "parameters": {"max_tokens": 2000, "ignore_eos": True}}
-        resp = requests.post(generate_url, json=body, timeout=60)
-        results.put((resp.status_code, resp.text))
+        body = {"text_input": f"z{i}", "stream": True, "parameters": {"max_tokens": 2000, "ignore_eos": True, "n": 4}}
+        events = []
+        with requests.post(stream_url(generate_url), json=body, stream=True, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if line.startswith(b"data:"):
+                    if not events:
+                        streaming.release()
+                    events.append(line.decode())
+        results.put(events[-1] if events else resp.text)  # the last event: an error, or a finished stream's end
 
     def serving_again():
         resp = requests.post(generate_url, json={"text_input": "Hi", "parameters": {"max_tokens": 2}}, timeout=30)
         return resp.status_code == 200
 
-    # Eight requests of 2,000 tokens: tens of seconds of work, all still running at the kill.
+    # Eight streams of 4 x 2,000 tokens, tens of seconds of work: all streaming when the engine is killed.
     workers = [threading.Thread(target=long_request, args=(i,)) for i in range(8)]
     for w in workers:
         w.start()
-    time.sleep(1.0)
+    for _ in workers:
+        assert streaming.acquire(timeout=30), "not every stream started"
     killed_at = time.monotonic()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -280,8 +289,8 @@ def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url)
         for w in workers:
             w.join(timeout=max(0.1, killed_at + 10 - time.monotonic()))
         assert not any(w.is_alive() for w in workers), "a request was still hanging 10 s after the engine died"
-        answers = [results.get_nowait() for _ in range(8)]
-        assert all(code != 200 and "engine" in text for code, text in answers), answers
+        last_events = [results.get_nowait() for _ in range(8)]
+        assert all("error" in event and "engine" in event for event in last_events), last_events
 
         asked = time.monotonic()
         fast = requests.post(generate_url, json={"text_input": "Hi", "parameters": {"max_tokens": 2}}, timeout=10)

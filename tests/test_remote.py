@@ -3,17 +3,14 @@ inference restricted to callers that send a key header."""
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import run_script, start_server
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from serving.tritonserver import LocalServer, free_port
 
 RESTRICTION = "x-team-key=s3cret"
 HTTP_KEY = RESTRICTION
@@ -50,13 +47,9 @@ def remote_server(tiny_repository, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     cert, key = self_signed_certificate(folder)
     restricted = f"inference:{RESTRICTION}"
-    srv = LocalServer(
-        model_repository=tiny_repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
-        log_file=folder / "tritonserver.log",
+    srv = start_server(
+        tiny_repository,
+        folder / "tritonserver.log",
         extra_args=[
             "--grpc-use-ssl=true",
             f"--grpc-server-cert={cert}",
@@ -65,7 +58,6 @@ def remote_server(tiny_repository, tmp_path_factory):
             f"--http-restricted-api={restricted}",
         ],
     )
-    srv.start(timeout_s=float(os.environ.get("TEST_START_TIMEOUT", 600)))
     srv.certificate = cert
     yield srv
     srv.stop()
