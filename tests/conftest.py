@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-0.5b"
 PYTHON = sys.executable
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")
-# prepare_qwen_pt.py flags for the device; on a GPU several test servers share the card.
-DEVICE_FLAGS = ["--device", DEVICE] + (["--gpu-memory-utilization", "0.15"] if DEVICE == "gpu" else [])
+# prepare_qwen_pt.py flags for the device. On a GPU several test servers share the
+# card, and the tiny model's context (2,048) is shorter than the GPU default.
+GPU_FLAGS = ["--gpu-memory-utilization", "0.15", "--max-model-len", "2048"]
+DEVICE_FLAGS = ["--device", DEVICE] + (GPU_FLAGS if DEVICE == "gpu" else [])
 
 
 def pytest_collection_modifyitems(config, items):
