@@ -107,12 +107,21 @@ def make_generate(args: argparse.Namespace, params: dict):
         STREAMS.append(conn)
         try:
             conn.start_stream(callback=lambda result, error: responses.put((result, error)), headers=extra_headers)
-            conn.async_stream_infer(
-                args.model,
-                request_inputs(prompt, messages, args.stream, params),
-                request_id=uuid.uuid4().hex,
-                enable_empty_final_response=True,
-            )
+            try:
+                conn.async_stream_infer(
+                    args.model,
+                    request_inputs(prompt, messages, args.stream, params),
+                    request_id=uuid.uuid4().hex,
+                    enable_empty_final_response=True,
+                )
+            except InferenceServerException as exc:
+                # The server may have closed the stream already; its reason reaches the callback.
+                try:
+                    _, error = responses.get(timeout=2)
+                except queue.Empty:
+                    error = None
+                failure = error or exc
+                raise RequestFailed(failure.message() if hasattr(failure, "message") else str(failure)) from None
             deadline = time.monotonic() + args.timeout
             while True:
                 try:

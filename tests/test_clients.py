@@ -92,10 +92,10 @@ def test_ctrl_c_cancels_requests_on_the_server(client, server):
     script, url = client
     assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 30)
     tokens_before = metric(server, "vllm:generation_tokens_total")
-    # Eight sequences of 2,000 tokens: seconds of work, far more than the interrupt takes.
-    requested = 8 * 2000
+    # 32 sequences of 2,000 tokens: many seconds of work for the tiny model, far more than the interrupt takes.
+    requested = 32 * 2000
     proc = subprocess.Popen(
-        [PYTHON, script, "--url", url, "--stream", "--max-tokens", "2000", "-p", "ignore_eos=true", "-p", "n=8", "Go on"],
+        [PYTHON, script, "--url", url, "--stream", "--max-tokens", "2000", "-p", "ignore_eos=true", "-p", "n=32", "Go on"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

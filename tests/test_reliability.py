@@ -262,7 +262,7 @@ def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url)
     streaming = threading.Semaphore(0)
 
     def long_request(i):
-        body = {"text_input": f"z{i}", "stream": True, "parameters": {"max_tokens": 2000, "ignore_eos": True, "n": 4}}
+        body = {"text_input": f"z{i}", "stream": True, "parameters": {"max_tokens": 2000, "ignore_eos": True, "n": 8}}
         events = []
         with requests.post(stream_url(generate_url), json=body, stream=True, timeout=60) as resp:
             for line in resp.iter_lines():
@@ -276,7 +276,7 @@ def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url)
         resp = requests.post(generate_url, json={"text_input": "Hi", "parameters": {"max_tokens": 2}}, timeout=30)
         return resp.status_code == 200
 
-    # Eight streams of 4 x 2,000 tokens, tens of seconds of work: all streaming when the engine is killed.
+    # Eight streams of 8 x 2,000 tokens, tens of seconds of work: all streaming when the engine is killed.
     workers = [threading.Thread(target=long_request, args=(i,)) for i in range(8)]
     for w in workers:
         w.start()
