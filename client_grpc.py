@@ -36,10 +36,15 @@ def connect(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
     return grpcclient.InferenceServerClient(args.url, ssl=args.ssl, root_certificates=str(root) if root else None)
 
 
+def error_text(error) -> str:
+    return error.message() if hasattr(error, "message") else str(error)
+
+
 def check_model(args: argparse.Namespace) -> None:
+    extra_headers = client.headers(args)
     try:
         conn = connect(args)
-        live = conn.is_server_live(headers=client.headers(args))
+        live = conn.is_server_live(headers=extra_headers)
     except InferenceServerException as exc:
         raise ClientError(
             client.UNREACHABLE, f"no Triton server at {args.url} ({exc.message()}); is it running? ./start_triton.sh"
@@ -47,7 +52,7 @@ def check_model(args: argparse.Namespace) -> None:
     if not live:
         raise ClientError(client.UNREACHABLE, f"the Triton server at {args.url} is not live")
     try:
-        ready = conn.is_model_ready(args.model, headers=client.headers(args))
+        ready = conn.is_model_ready(args.model, headers=extra_headers)
     except InferenceServerException:
         ready = False
     if not ready:
@@ -120,8 +125,7 @@ def make_generate(args: argparse.Namespace, params: dict):
                     _, error = responses.get(timeout=2)
                 except queue.Empty:
                     error = None
-                failure = error or exc
-                raise RequestFailed(failure.message() if hasattr(failure, "message") else str(failure)) from None
+                raise RequestFailed(error_text(error or exc)) from None
             deadline = time.monotonic() + args.timeout
             while True:
                 try:
@@ -132,7 +136,7 @@ def make_generate(args: argparse.Namespace, params: dict):
                         raise RequestFailed(f"no response within {args.timeout:.0f} s") from None
                     continue
                 if error is not None:
-                    raise RequestFailed(error.message() if hasattr(error, "message") else str(error))
+                    raise RequestFailed(error_text(error))
                 response = result.get_response()
                 if response.outputs:
                     yield to_chunk(result)

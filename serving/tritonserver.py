@@ -210,23 +210,22 @@ def stop_process_group(pid: int, timeout_s: float) -> int | None:
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return None if _killpg_until_gone(pid) is None else signal.SIGTERM
-    if _wait_gone(lambda: os.kill(pid, 0), pid, timeout_s):
-        _killpg_until_gone(pid)
-        return signal.SIGTERM
-    return _killpg_until_gone(pid) or signal.SIGKILL
+        _end_group(pid)  # leftovers of a server that had already exited
+        return None
+    exited = _wait_gone(lambda: os.kill(pid, 0), pid, timeout_s)
+    _end_group(pid)
+    return signal.SIGTERM if exited else signal.SIGKILL
 
 
-def _killpg_until_gone(pgid: int) -> int | None:
-    """SIGTERM, then SIGKILL the group; the signal that emptied it, None if it was empty."""
+def _end_group(pgid: int) -> None:
+    """SIGTERM, then SIGKILL whatever is left of the process group."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            return None if sig == signal.SIGTERM else signal.SIGTERM
+            return
         if _wait_gone(lambda: os.killpg(pgid, 0), pgid, 5):
-            return sig
-    return signal.SIGKILL
+            return
 
 
 def _wait_gone(probe, pid: int, timeout_s: float) -> bool:

@@ -9,6 +9,7 @@ Environment variables:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,17 @@ def metric(server, name) -> float:
     if name not in values:
         raise AssertionError(f"{name} missing from /metrics")
     return values[name]
+
+
+def iter_sse(resp):
+    """The JSON events of a server-sent-events response, as they arrive."""
+    for line in resp.iter_lines(decode_unicode=True):
+        if line.startswith("data:"):
+            yield json.loads(line[len("data:") :])
+
+
+def sse_events(resp) -> list[dict]:
+    return list(iter_sse(resp))
 
 
 def wait_for(condition, timeout_s):

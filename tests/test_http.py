@@ -4,12 +4,9 @@ import json
 
 import pytest
 import requests
+from conftest import sse_events
 
 GREEDY = {"max_tokens": 12, "temperature": 0}
-
-
-def sse_events(resp) -> list[dict]:
-    return [json.loads(line[len("data:") :]) for line in resp.iter_lines(decode_unicode=True) if line.startswith("data:")]
 
 
 def stream(url, body) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 import requests
-from conftest import MODEL, ROOT, metric, run_script, start_server, wait_for
+from conftest import MODEL, ROOT, iter_sse, metric, run_script, start_server, wait_for
 
 from serving.tritonserver import free_port
 
@@ -55,16 +55,16 @@ def test_stop_lets_a_stream_in_flight_finish(tiny_repository, tmp_path):
         stream=True,
         timeout=120,
     )
-    lines = stream.iter_lines()
-    first = next(line for line in lines if line.startswith(b"data:"))
+    events = iter_sse(stream)
+    first = next(events)
     assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 1, 10)
     stopping = threading.Thread(target=server.stop)
     began = time.monotonic()
     stopping.start()
-    events = [json.loads(first[5:])] + [json.loads(line[5:]) for line in lines if line.startswith(b"data:")]
+    received = [first, *events]
     stream.close()
     stopping.join()
-    assert sum(e["num_output_tokens"] for e in events) == 2000
+    assert sum(e["num_output_tokens"] for e in received) == 2000
     assert time.monotonic() - began < server.exit_timeout_s
     assert server.process.returncode == 0
     log = (tmp_path / "server.log").read_text()

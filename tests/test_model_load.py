@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import DEVICE_FLAGS, MODEL, run_script, start_server
+from conftest import DEVICE_FLAGS, MODEL, run_script, sse_events, start_server
 
 from serving.tiny_model import make_lora_adapter
 
@@ -29,8 +29,8 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     weights = tiny_repository / MODEL / "1" / "weights"
     lora_flags = []
     for name, seed in ADAPTERS.items():
-        make_lora_adapter(weights, repo.parent / f"adapter-{name}", seed=seed)
-        lora_flags += ["--lora", f"{name}={repo.parent / f'adapter-{name}'}"]
+        adapter = make_lora_adapter(weights, repo.parent / f"adapter-{name}", seed=seed)
+        lora_flags += ["--lora", f"{name}={adapter}"]
     prepare(repo, weights, "lora", *lora_flags)
 
     (prepare(repo, weights, "bad-json") / "1" / "model.json").write_text('{"model": "weights",')
@@ -63,8 +63,7 @@ def generate(server, lora_name=None, stream=False):
     resp = requests.post(url, json=body, timeout=120)
     if not stream or resp.status_code != 200:
         return resp
-    events = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data:")]
-    return "".join(e["text_output"] for e in events)
+    return "".join(e["text_output"] for e in sse_events(resp))
 
 
 def load(server, name):
