@@ -26,8 +26,6 @@ from tritonclient.utils import InferenceServerException
 from serving import client
 from serving.client import Chunk, ClientError, RequestFailed
 
-STREAMS: list[grpcclient.InferenceServerClient] = []
-
 
 def connect(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
     root = args.root_certificates
@@ -109,7 +107,6 @@ def make_generate(args: argparse.Namespace, params: dict):
     def generate(prompt, messages):
         responses: queue.Queue = queue.Queue()
         conn = connect(args)
-        STREAMS.append(conn)
         try:
             conn.start_stream(callback=lambda result, error: responses.put((result, error)), headers=extra_headers)
             try:
@@ -143,16 +140,10 @@ def make_generate(args: argparse.Namespace, params: dict):
                 if response.parameters["triton_final_response"].bool_param:
                     return
         finally:
-            STREAMS.remove(conn)
             conn.stop_stream(cancel_requests=True)
             conn.close()
 
     return generate
-
-
-def cancel_all() -> None:
-    for conn in list(STREAMS):
-        conn.stop_stream(cancel_requests=True)
 
 
 def main(argv=None) -> int:
@@ -161,7 +152,7 @@ def main(argv=None) -> int:
     tls = parser.add_argument_group("TLS")
     tls.add_argument("--ssl", action="store_true", help="connect with TLS")
     tls.add_argument("--root-certificates", type=Path, help="PEM file of CA certificates for --ssl")
-    return client.main(parser, make_generate, argv, on_interrupt=cancel_all)
+    return client.main(parser, make_generate, argv)
 
 
 if __name__ == "__main__":

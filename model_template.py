@@ -513,7 +513,8 @@ class TritonPythonModel:
                         continue
                     try:
                         cancelled = job.sender.is_cancelled()
-                    except Exception:
+                    except Exception as exc:
+                        self.logger.log_warn(f"{LOG_PREFIX} cancellation check of {job.id} failed: {exc}")
                         continue
                 if cancelled:
                     job.cancelled = True
@@ -775,27 +776,46 @@ class Metrics:
 
     def _publish_loop(self):
         while not self._stop.wait(self.FLUSH_S):
-            self.publish()
+            try:
+                self.publish()
+            except Exception:
+                pb_utils.Logger.log_warn(f"{LOG_PREFIX} publishing metrics failed, retrying: {traceback.format_exc()}")
 
     def publish(self):
         with self._lock:
             counts, self._counts = self._counts, {key: 0 for key in self.COUNTERS}
             gauges = dict(self._gauges)
             observations, self._observations = self._observations, {key: [] for key in self.HISTOGRAMS}
-        for key, value in counts.items():
-            if value:
-                self._metrics[key].increment(value)
-        for key, value in gauges.items():
-            if self._published_gauges.get(key) != value:
-                self._metrics[key].set(value)
-                self._published_gauges[key] = value
-        for key, values in observations.items():
-            for value in values:
-                self._metrics[key].observe(value)
+        try:
+            for key, value in counts.items():
+                if value:
+                    self._metrics[key].increment(value)
+                    counts[key] = 0
+            for key, value in gauges.items():
+                if self._published_gauges.get(key) != value:
+                    self._published_gauges.pop(key, None)
+                    self._metrics[key].set(value)
+                    self._published_gauges[key] = value
+            for key, values in observations.items():
+                while values:
+                    self._metrics[key].observe(values[-1])
+                    values.pop()
+        finally:
+            with self._lock:  # what did not go out goes with the next flush
+                for key, value in counts.items():
+                    self._counts[key] += value
+                for key, values in observations.items():
+                    self._observations[key][:0] = values
 
     def close(self):
         self._stop.set()
         self._thread.join(timeout=2)
+        with contextlib.suppress(Exception):
+            self.publish()
+        # Release Triton's metric objects while the stub can still reach the
+        # server: released at interpreter exit, they crash the stub.
+        self._metrics.clear()
+        self._families.clear()
 
     def stat_logger_factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase

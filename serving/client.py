@@ -4,11 +4,11 @@ parameters, batching in prompt order, timings, output and exit codes."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -26,7 +26,6 @@ NOT_READY = 4  # the server is up but the model is unknown or not ready
 INTERRUPTED = 130
 
 SIGNAL_POLL_S = 0.2
-CANCEL_WAIT_S = 1.0
 
 
 class ClientError(Exception):
@@ -292,7 +291,21 @@ def interactive(generate: Generate, args: argparse.Namespace) -> list[Result]:
     return results
 
 
-def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on_interrupt=None) -> int:
+def exit_interrupted(signum=None, frame=None) -> None:
+    """Ctrl-C: leave at once. Exiting closes every connection, which cancels the
+    requests in flight on the server (gRPC stream reset, HTTP stream closed).
+
+    Nothing here may wait: unwinding instead could block in a stream's teardown,
+    and a thread started from a signal handler can hang before it runs.
+    """
+    with contextlib.suppress(Exception):  # a print the signal cut short may hold the buffer
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(sys.stderr.fileno(), b"\ninterrupted: requests in flight were cancelled\n")
+    os._exit(INTERRUPTED)
+
+
+def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None) -> int:
     """Parse flags, check the server, run the prompts; returns the exit code."""
     args = parser.parse_args(argv)
     if args.concurrency < 1:
@@ -300,14 +313,7 @@ def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on
     if args.system:
         args.chat = True
 
-    def handle_sigint(signum, frame):
-        if on_interrupt:  # bounded: exiting closes the connections anyway, which also cancels
-            helper = threading.Thread(target=on_interrupt, daemon=True)
-            helper.start()
-            helper.join(CANCEL_WAIT_S)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handle_sigint)
+    signal.signal(signal.SIGINT, exit_interrupted)
     try:
         generate = make_generate(args, sampling_parameters(args))
         if args.interactive:
@@ -321,13 +327,6 @@ def main(parser: argparse.ArgumentParser, make_generate: Callable, argv=None, on
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    except KeyboardInterrupt:
-        print("\ninterrupted: requests in flight were cancelled", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Exit now: worker threads blocked on the network would otherwise keep the
-        # process alive; exiting closes their connections, which cancels on the server.
-        os._exit(INTERRUPTED)
     except BrokenPipeError:  # the reader went away (| head): stop quietly
         sys.stderr.close()
         return OK

