@@ -12,7 +12,9 @@ used by ``start_triton.sh``'s local mode, the tests and the benchmark.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -179,10 +181,18 @@ class LocalServer:
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on now (the OS's pick)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing uses now, below the range the OS hands out to outgoing
+    connections: one of those could take a port from that range before a slow
+    starting server binds it (Triton binds its metrics port last, after loading)."""
+    ephemeral_low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(min(20000, ephemeral_low // 2), ephemeral_low)
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
 def port_in_use(host: str, port: int) -> bool:
