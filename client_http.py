@@ -100,9 +100,8 @@ def make_generate(args: argparse.Namespace, params: dict):
                 if not args.stream:
                     yield to_chunk(resp.json())
                     return
-                for line in resp.iter_lines(decode_unicode=True):
-                    if line and line.startswith("data:"):
-                        yield to_chunk(json.loads(line[len("data:") :]))
+                for event in client.iter_sse(resp):
+                    yield to_chunk(event)
         except requests.RequestException as exc:
             raise RequestFailed(f"{exc.__class__.__name__}: {exc}") from None
         finally:

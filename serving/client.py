@@ -136,6 +136,17 @@ def headers(args: argparse.Namespace) -> dict[str, str]:
     return pairs
 
 
+def iter_sse(resp) -> Iterator[dict]:
+    """The JSON events of a server-sent-events response (requests), as they arrive.
+
+    Lines are split as bytes: generated text may hold characters such as U+2028
+    or U+0085, at which str.splitlines() would also split.
+    """
+    for line in resp.iter_lines():
+        if line.startswith(b"data:"):
+            yield json.loads(line[len(b"data:") :])
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts:
         return list(args.prompts)

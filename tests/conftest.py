@@ -9,7 +9,6 @@ Environment variables:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from serving.client import iter_sse
 from serving.tritonserver import LocalServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +67,6 @@ def metric(server, name) -> float:
     if name not in values:
         raise AssertionError(f"{name} missing from /metrics")
     return values[name]
-
-
-def iter_sse(resp):
-    """The JSON events of a server-sent-events response, as they arrive."""
-    for line in resp.iter_lines(decode_unicode=True):
-        if line.startswith("data:"):
-            yield json.loads(line[len("data:") :])
 
 
 def sse_events(resp) -> list[dict]:

@@ -1,5 +1,6 @@
 """client_http.py and client_grpc.py run as a user would run them."""
 
+import io
 import json
 import os
 import re
@@ -7,7 +8,10 @@ import signal
 import subprocess
 
 import pytest
+import requests
 from conftest import PYTHON, ROOT, free_port, metric, run_script, wait_for
+
+from serving.client import iter_sse
 
 CLIENTS = ["client_http.py", "client_grpc.py"]
 
@@ -142,3 +146,10 @@ def test_interactive_keeps_the_conversation(client, tmp_path):
     # The second turn's prompt carries the first question and answer: far longer than a fresh chat.
     assert second_in >= first_in + first_out
     assert out.read_text().count("Prompt: ") == 2
+
+
+def test_sse_events_stay_whole_across_unicode_line_separators():
+    # Generated text can hold U+2028 or U+0085, which str.splitlines() treats as line ends.
+    resp = requests.models.Response()
+    resp.raw = io.BytesIO('data: {"text_output": "a\u2028b\x85c"}\n\ndata: {"text_output": "d"}\n\n'.encode())
+    assert [event["text_output"] for event in iter_sse(resp)] == ["a\u2028b\x85c", "d"]
