@@ -793,7 +793,6 @@ class Metrics:
                     counts[key] = 0
             for key, value in gauges.items():
                 if self._published_gauges.get(key) != value:
-                    self._published_gauges.pop(key, None)
                     self._metrics[key].set(value)
                     self._published_gauges[key] = value
             for key, values in observations.items():

@@ -9,9 +9,7 @@ import subprocess
 
 import pytest
 import requests
-from conftest import PYTHON, ROOT, free_port, metric, run_script, wait_for
-
-from serving.client import iter_sse
+from conftest import PYTHON, ROOT, free_port, iter_sse, metric, run_script, wait_for
 
 CLIENTS = ["client_http.py", "client_grpc.py"]
 
