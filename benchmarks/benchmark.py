@@ -28,6 +28,7 @@ import json
 import os
 import random
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -39,9 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from client_grpc import request_inputs  # noqa: E402
-from client_http import request_body  # noqa: E402
-from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_rss_mb  # noqa: E402
+from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
 TARGETS = ["triton-http", "triton-grpc", "engine", "vllm-serve"]
 
@@ -69,6 +68,9 @@ class Row:
     itl_ms: dict
     e2e_ms: dict
     first_error: str | None = None
+    server_cpu_us_per_tok: float | None = None
+    client_cpu_us_per_tok: float | None = None
+    tok_s_runs: list[float] = field(default_factory=list)
 
 
 def percentiles(values: list[float]) -> dict:
@@ -165,7 +167,7 @@ async def run_level(send, prompts: list[str], concurrency: int) -> tuple[list[Sa
 def triton_http_sender(session: aiohttp.ClientSession, url: str, output_len: int):
     async def send(prompt: str) -> Sample:
         timer = Timer()
-        body = request_body(prompt, None, True, sampling(output_len))
+        body = lean_inputs(prompt, output_len)
         try:
             async with session.post(url, json=body) as resp:
                 async for raw in resp.content:
@@ -184,55 +186,75 @@ def triton_http_sender(session: aiohttp.ClientSession, url: str, output_len: int
     return send
 
 
-def triton_grpc_sender(url: str, model: str, output_len: int):
-    """tritonclient's gRPC streaming API, one stream per worker thread.
+def lean_inputs(prompt: str, output_len: int) -> dict:
+    """What the Triton targets send: the text, streaming, and the token count needed to time each chunk."""
+    return {
+        "text_input": prompt,
+        "stream": True,
+        "return_num_output_tokens": True,
+        "sampling_parameters": json.dumps(sampling(output_len)),
+    }
 
-    Its asyncio client delivers a stream's responses only once the request is
-    complete, so each worker drives the threaded client instead.
+
+def grpc_request(model: str, prompt: str, output_len: int):
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    for name, value in lean_inputs(prompt, output_len).items():
+        tensor = request.inputs.add(name=name, shape=[1])
+        if isinstance(value, bool):
+            tensor.datatype = "BOOL"
+            request.raw_input_contents.append(bytes([value]))
+        else:
+            tensor.datatype = "BYTES"
+            data = value.encode("utf-8")
+            request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+    return request
+
+
+def grpc_tokens(response) -> int:
+    for index, output in enumerate(response.outputs):
+        if output.name == "num_output_tokens":
+            return sum(struct.unpack(f"<{len(response.raw_output_contents[index]) // 4}I", response.raw_output_contents[index]))
+    return 0
+
+
+def triton_grpc_sender(url: str, model: str, output_len: int):
+    """Triton's gRPC streaming API on one shared channel, one stream per request.
+
+    Plain gRPC stubs rather than tritonclient's stream wrapper, whose per-stream
+    channel and callback thread cost several times the CPU per response: on a
+    small machine the client's CPU is taken from the server it measures.
     """
     import concurrent.futures
-    import queue
-    import threading
 
-    import tritonclient.grpc as grpcclient
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
 
-    local = threading.local()
-    clients = []
+    channel = grpc.insecure_channel(url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=512)
 
-    def stream():
-        if not hasattr(local, "client"):
-            responses = queue.Queue()  # the callback runs on gRPC's thread: bind the queue itself
-            local.responses = responses
-            local.client = grpcclient.InferenceServerClient(url)
-            local.client.start_stream(callback=lambda result, error: responses.put((result, error)))
-            clients.append(local.client)
-        return local.client, local.responses
-
     def blocking_send(prompt: str) -> Sample:
-        client, responses = stream()
         timer = Timer()
-        client.async_stream_infer(
-            model, request_inputs(prompt, None, True, sampling(output_len)), enable_empty_final_response=True
-        )
-        while True:
-            result, error = responses.get()
-            if error is not None:
-                del local.client  # a stream that reported an error is closed: the next request opens another
-                return timer.done(str(error))
-            count = result.as_numpy("num_output_tokens")
-            timer.chunk(int(count.sum()) if count is not None else 0)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return timer.done()
+        try:
+            for reply in stub.ModelStreamInfer(iter([grpc_request(model, prompt, output_len)])):
+                if reply.error_message:
+                    return timer.done(reply.error_message)
+                timer.chunk(grpc_tokens(reply.infer_response))
+                if reply.infer_response.parameters["triton_final_response"].bool_param:
+                    break
+        except grpc.RpcError as exc:
+            return timer.done(str(exc))
+        return timer.done()
 
     async def send(prompt: str) -> Sample:
         return await asyncio.get_running_loop().run_in_executor(pool, blocking_send, prompt)
 
     def close():
-        for client in clients:
-            client.stop_stream()
-            client.close()
         pool.shutdown()
+        channel.close()
 
     return send, close
 
@@ -288,12 +310,39 @@ def engine_sender(engine, output_len: int):
 # ---------------------------------------------------------------------- runs
 
 
-async def sweep(name, send, prompts_for, levels, warmup, progress) -> list[Row]:
+class CpuMeter:
+    """CPU time of the server's process tree and of this process (the client) over one level."""
+
+    def __init__(self, server_pid: int, client_separate: bool):
+        self.server_pid = server_pid
+        self.client_separate = client_separate
+
+    def read(self) -> tuple[float, float]:
+        client = sum(os.times()[:2]) if self.client_separate else 0.0
+        return tree_cpu_s(self.server_pid), client
+
+
+async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str) -> Row:
+    server0, client0 = meter.read()
+    samples, duration = await run_level(send, prompts, concurrency)
+    server1, client1 = meter.read()
+    row = summarize(name, concurrency, samples, duration)
+    tokens = sum(s.output_tokens for s in samples if s.error is None)
+    if tokens:
+        row.server_cpu_us_per_tok = (server1 - server0) / tokens * 1e6
+        row.client_cpu_us_per_tok = (client1 - client0) / tokens * 1e6 if meter.client_separate else None
+    return row
+
+
+async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter) -> list[Row]:
+    """Each level runs args.repeat times; the run with the median output tokens/s is kept."""
     rows = []
-    await run_level(send, prompts_for(warmup), min(warmup, 4))
+    await run_level(send, prompts_for(args.warmup), min(args.warmup, 4))
     for concurrency, prompts in levels:
-        samples, duration = await run_level(send, prompts, concurrency)
-        row = summarize(name, concurrency, samples, duration)
+        runs = [await run_measured(send, prompts, concurrency, meter, name) for _ in range(args.repeat)]
+        runs.sort(key=lambda r: r.output_tok_s)
+        row = runs[len(runs) // 2]
+        row.tok_s_runs = [r.output_tok_s for r in runs]
         progress(row)
         rows.append(row)
     return rows
@@ -345,17 +394,17 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         start = time.perf_counter()
         server.start(timeout_s=900)
         info["startup_s"] = time.perf_counter() - start
+        meter = CpuMeter(server.process.pid, client_separate=True)
         try:
             if target == "triton-http":
                 async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                     url = f"{server.url}/v2/models/{name}/generate_stream"
-                    rows = await sweep(
-                        target, triton_http_sender(session, url, args.output_len), prompts_for, levels, args.warmup, progress
-                    )
+                    send = triton_http_sender(session, url, args.output_len)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
             else:
                 send, close = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
                 try:
-                    rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
                 finally:
                     close()
             info["rss_mb"] = tree_rss_mb(server.process.pid)
@@ -369,7 +418,8 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
         info["startup_s"] = time.perf_counter() - start
         try:
-            rows = await sweep(target, engine_sender(engine, args.output_len), prompts_for, levels, args.warmup, progress)
+            meter = CpuMeter(os.getpid(), client_separate=False)
+            rows = await sweep(target, engine_sender(engine, args.output_len), prompts_for, levels, args, progress, meter)
             info["rss_mb"] = tree_rss_mb(os.getpid())
         finally:
             engine.shutdown()
@@ -388,7 +438,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         info["startup_s"] = time.perf_counter() - start
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             send = openai_sender(session, f"http://127.0.0.1:{port}/v1/completions", name, args.output_len)
-            rows = await sweep(target, send, prompts_for, levels, args.warmup, progress)
+            rows = await sweep(target, send, prompts_for, levels, args, progress, CpuMeter(proc.pid, client_separate=True))
         info["rss_mb"] = tree_rss_mb(proc.pid)
     finally:
         stop_process_group(proc.pid, 60)
@@ -400,16 +450,23 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
 
 
 def table(rows: list[Row]) -> str:
-    head = f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} {'TPOT med':>9} {'ITL med':>8} {'E2E med':>8}"
+    head = (
+        f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} "
+        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
 
         def ms(d, k="median"):
             return f"{d[k]:.1f}" if d[k] is not None else "-"
 
+        def us(value):
+            return f"{value:.0f}" if value is not None else "-"
+
         lines.append(
             f"{r.target:<12} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} {r.output_tok_s:>10.1f} {r.req_s:>7.2f} "
-            f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8}"
+            f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8} "
+            f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10}"
         )
     return "\n".join(lines)
 
@@ -439,13 +496,14 @@ def plot(rows: list[Row], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for target in dict.fromkeys(r.target for r in rows):
         mine = [r for r in rows if r.target == target]
         xs = [r.concurrency for r in mine]
         ax1.plot(xs, [r.output_tok_s for r in mine], marker="o", label=target)
         ax2.plot(xs, [r.ttft_ms["median"] for r in mine], marker="o", label=target)
-    for ax, title in ((ax1, "output tokens/s"), (ax2, "median TTFT (ms)")):
+        ax3.plot(xs, [r.server_cpu_us_per_tok for r in mine], marker="o", label=target)
+    for ax, title in ((ax1, "output tokens/s"), (ax2, "median TTFT (ms)"), (ax3, "server CPU per output token (us)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_title(title)
@@ -473,6 +531,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=128, help="generated tokens per request, ignore_eos (default: %(default)s)")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per level; the run with the median output tokens/s is reported, all runs' tokens/s are kept (default: %(default)s)",
+    )
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per target, not measured (default: %(default)s)")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="environment with Triton and vLLM (default: %(default)s)")
     p.add_argument(
@@ -483,16 +547,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def main_async(args) -> int:
-    version_dir = args.model_repository / args.name / "1"
-    engine_args = json.loads((version_dir / "model.json").read_text())
-    if not os.path.isabs(engine_args["model"]):
-        engine_args["model"] = str((version_dir / engine_args["model"]).resolve())
     levels_c = [int(c) for c in args.concurrency.split(",")]
     targets = [t.strip() for t in args.targets.split(",")]
     unknown = set(targets) - set(TARGETS)
     if unknown:
-        print(f"error: unknown targets {sorted(unknown)}", file=sys.stderr)
+        print(f"error: unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}", file=sys.stderr)
         return 2
+    if args.repeat < 1:
+        print("error: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    version_dir = args.model_repository / args.name / "1"
+    if not (version_dir / "model.json").is_file():
+        print(f"error: {version_dir / 'model.json'} is missing: run prepare_qwen_pt.py first", file=sys.stderr)
+        return 2
+    engine_args = json.loads((version_dir / "model.json").read_text())
+    if not os.path.isabs(engine_args["model"]):
+        engine_args["model"] = str((version_dir / engine_args["model"]).resolve())
     args.out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(max(16, args.requests_per_level * c) for c in levels_c)
     pool = make_prompts(engine_args["model"], total + args.warmup, args.input_len, args.seed)
@@ -508,7 +578,8 @@ async def main_async(args) -> int:
     def progress(row: Row):
         print(
             f"  {row.target:<12} c={row.concurrency:<4} {row.output_tok_s:9.1f} tok/s  "
-            f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  failed {row.failed}"
+            f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  server CPU {row.server_cpu_us_per_tok or 0:5.0f} us/tok  failed {row.failed}"
+            + (f"  (runs: {', '.join(f'{t:.0f}' for t in row.tok_s_runs)} tok/s)" if len(row.tok_s_runs) > 1 else "")
             + (f" (first error: {row.first_error[:200]})" if row.first_error else ""),
             flush=True,
         )

@@ -257,22 +257,34 @@ def _reap(pid: int) -> None:
         pass
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB (0 if it is gone)."""
+def _tree(pid: int) -> list:
+    """A process and all its descendants (empty if it is gone)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        return [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total / 2**20
+        return []
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB (0 if it is gone)."""
+    return sum(_safe(lambda p: p.memory_info().rss, p) for p in _tree(pid)) / 2**20
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its live descendants."""
+    return sum(_safe(lambda p: sum(p.cpu_times()[:2]), p) for p in _tree(pid))
+
+
+def _safe(read, proc) -> float:
+    import psutil
+
+    try:
+        return read(proc)
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -1,0 +1,108 @@
+"""benchmarks/benchmark.py: its request senders against the real server, and one whole run of the script."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+import aiohttp
+import pytest
+from conftest import MODEL, ROOT, run_script
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import benchmark  # noqa: E402
+
+OUTPUT_LEN = 12
+
+
+def test_summarize_follows_vllm_bench_definitions():
+    a = benchmark.Sample(ttft=0.1, e2e=0.5, itl=[0.1, 0.1, 0.2], output_tokens=5)
+    b = benchmark.Sample(ttft=0.3, e2e=0.7, itl=[0.4], output_tokens=3)
+    failed = benchmark.Sample(error="boom")
+    row = benchmark.summarize("t", 2, [a, b, failed], duration=2.0)
+    assert (row.requests, row.failed, row.first_error) == (3, 1, "boom")
+    assert row.output_tok_s == pytest.approx(4.0)  # 8 tokens of the successful requests in 2 s
+    assert row.req_s == pytest.approx(1.0)
+    assert row.ttft_ms["median"] == pytest.approx(200)
+    assert row.tpot_ms["median"] == pytest.approx(150)  # (0.4/4 + 0.4/2) / 2 seconds
+    assert row.itl_ms["median"] == pytest.approx(150)  # gaps 100, 100, 200, 400 ms
+    assert row.e2e_ms["median"] == pytest.approx(600)
+
+
+def measure(server, send_factory, concurrency=4, requests=8):
+    async def main():
+        async with aiohttp.ClientSession() as session:
+            send, close = send_factory(session)
+            try:
+                meter = benchmark.CpuMeter(server.process.pid, client_separate=True)
+                prompts = [f"prompt number {i} about rivers" for i in range(requests)]
+                return await benchmark.run_measured(send, prompts, concurrency, meter, "t")
+            finally:
+                close()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_sender_counts_every_token_and_the_cpu_it_costs(server, protocol):
+    def factory(session):
+        if protocol == "grpc":
+            return benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", MODEL, OUTPUT_LEN)
+        url = f"{server.url}/v2/models/{MODEL}/generate_stream"
+        return benchmark.triton_http_sender(session, url, OUTPUT_LEN), lambda: None
+
+    row = measure(server, factory)
+    assert row.failed == 0, row.first_error
+    assert row.output_tok_s * row.duration_s == pytest.approx(8 * OUTPUT_LEN)
+    assert row.ttft_ms["median"] > 0 and row.e2e_ms["median"] >= row.ttft_ms["median"]
+    assert row.server_cpu_us_per_tok > 0 and row.client_cpu_us_per_tok > 0
+
+
+def test_grpc_sender_reports_the_servers_error(server):
+    send, close = benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", "no-such-model", OUTPUT_LEN)
+    try:
+        sample = asyncio.run(send("hello"))
+    finally:
+        close()
+    assert "no-such-model" in sample.error
+
+
+@pytest.mark.slow
+def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
+    done = run_script(
+        "benchmarks/benchmark.py",
+        "--model-repository", str(tiny_repository),
+        "--targets", "triton-grpc,engine,vllm-serve",  # the HTTP sender is tested above
+        "--concurrency", "2",
+        "--requests-per-level", "8",
+        "--output-len", str(OUTPUT_LEN),
+        "--warmup", "2",
+        "--repeat", "2",
+        "--venv", os.environ.get("TEST_VENV", str(ROOT / ".venv")),
+        "--out-dir", str(tmp_path),
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    rows = {r["target"]: r for r in result["rows"]}
+    assert sorted(rows) == ["engine", "triton-grpc", "vllm-serve"]
+    for row in rows.values():
+        assert row["failed"] == 0, row["first_error"]
+        assert row["requests"] == 16 and len(row["tok_s_runs"]) == 2
+        assert row["output_tok_s"] * row["duration_s"] == pytest.approx(16 * OUTPUT_LEN)
+        assert row["server_cpu_us_per_tok"] > 0
+    ratios = {r["target"]: r for r in result["ratios"]}
+    assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve"} <= set(ratios["triton-grpc"])
+    for target, info in result["servers"].items():
+        assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
+    assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+    assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout
+
+
+@pytest.mark.parametrize("flags", [["--repeat", "0"], ["--targets", "triton-grpc,nonsense"]])
+def test_bad_flags_exit_2(flags, tmp_path):
+    done = run_script("benchmarks/benchmark.py", *flags, "--out-dir", str(tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert "error:" in done.stderr
