@@ -73,6 +73,10 @@ class RequestError(Exception):
     """A client mistake: answered with INVALID_ARG (HTTP 400)."""
 
 
+class EngineEndedRequest(Exception):
+    """The engine ended a request without finishing it (aborted it, or closed its output)."""
+
+
 @dataclass
 class Job:
     """One request in flight."""
@@ -375,10 +379,16 @@ class TritonPythonModel:
         try:
             if self.metrics:
                 self.metrics.request_started()
+            finished = False
             async for out in self.engine.generate(prompt, params, job.id, lora_request=lora, priority=priority):
                 delta = Delta.of(out)
+                # The engine aborts what it still holds when it dies: that is a failure, not an end.
+                aborted = out.finished and any(o.finish_reason == "abort" for o in out.outputs)
+                finished = out.finished and not aborted
                 if job.stream:
-                    self._queue(job, delta, final=out.finished)
+                    self._queue(job, delta, final=finished)
+            if not finished:
+                raise EngineEndedRequest("the vLLM engine ended the request before it finished")
             if not job.stream:
                 if job.prepend_input:
                     delta.prefix = delta.prompt
