@@ -382,7 +382,7 @@ class TritonPythonModel:
             finished = False
             async for out in self.engine.generate(prompt, params, job.id, lora_request=lora, priority=priority):
                 delta = Delta.of(out)
-                # The engine aborts what it still holds when it dies: that is a failure, not an end.
+                # An abort the model did not ask for (vLLM can end requests so when its engine dies) is a failure.
                 aborted = out.finished and any(o.finish_reason == "abort" for o in out.outputs)
                 finished = out.finished and not aborted
                 if job.stream:

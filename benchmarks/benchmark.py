@@ -28,7 +28,6 @@ import json
 import os
 import random
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -197,27 +196,25 @@ def lean_inputs(prompt: str, output_len: int) -> dict:
 
 
 def grpc_request(model: str, prompt: str, output_len: int):
+    import numpy as np
     from tritonclient.grpc import service_pb2
+    from tritonclient.utils import serialize_byte_tensor
 
     request = service_pb2.ModelInferRequest(model_name=model)
     request.parameters["triton_enable_empty_final_response"].bool_param = True
     for name, value in lean_inputs(prompt, output_len).items():
-        tensor = request.inputs.add(name=name, shape=[1])
-        if isinstance(value, bool):
-            tensor.datatype = "BOOL"
-            request.raw_input_contents.append(bytes([value]))
-        else:
-            tensor.datatype = "BYTES"
-            data = value.encode("utf-8")
-            request.raw_input_contents.append(struct.pack("<I", len(data)) + data)
+        is_bool = isinstance(value, bool)
+        request.inputs.add(name=name, shape=[1], datatype="BOOL" if is_bool else "BYTES")
+        array = np.array([value], dtype=bool if is_bool else np.object_)
+        request.raw_input_contents.append(array.tobytes() if is_bool else serialize_byte_tensor(array).item())
     return request
 
 
 def grpc_tokens(response) -> int:
-    for index, output in enumerate(response.outputs):
-        if output.name == "num_output_tokens":
-            return sum(struct.unpack(f"<{len(response.raw_output_contents[index]) // 4}I", response.raw_output_contents[index]))
-    return 0
+    from tritonclient.grpc import InferResult
+
+    counts = InferResult(response).as_numpy("num_output_tokens")
+    return 0 if counts is None else int(counts.sum())
 
 
 def triton_grpc_sender(url: str, model: str, output_len: int):
