@@ -167,6 +167,8 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         engine_config = self._read_engine_config(version_dir)
         self._check_placement(args, engine_config)
+        for key, value in _cpu_engine_environment(engine_config).items():
+            os.environ.setdefault(key, value)
         self.loras = self._read_loras(version_dir, engine_config)
         self.engine_args = self._engine_args(engine_config)
 
@@ -559,6 +561,13 @@ class TritonPythonModel:
 
 
 # ------------------------------------------------------------------- helpers
+
+
+def _cpu_engine_environment(config):
+    """What the "uni" executor needs on vLLM's CPU build (serving/model_config.py documents it)."""
+    if config.get("distributed_executor_backend") != "uni":
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) - 1))}
 
 
 def _string_input(request, name):

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
+from serving.model_config import cpu_engine_environment  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
 TARGETS = ["triton-http", "triton-grpc", "engine", "vllm-serve"]
@@ -560,6 +561,10 @@ async def main_async(args) -> int:
     engine_args = json.loads((version_dir / "model.json").read_text())
     if not os.path.isabs(engine_args["model"]):
         engine_args["model"] = str((version_dir / engine_args["model"]).resolve())
+    # Every target runs its engine as the model does (the servers inherit this environment).
+    environment = cpu_engine_environment(engine_args, len(os.sched_getaffinity(0)))
+    for key, value in environment.items():
+        os.environ.setdefault(key, value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(max(16, args.requests_per_level * c) for c in levels_c)
     pool = make_prompts(engine_args["model"], total + args.warmup, args.input_len, args.seed)
@@ -592,6 +597,7 @@ async def main_async(args) -> int:
 
     result = {
         "engine_args": engine_args,
+        "environment": {key: os.environ[key] for key in environment},
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "concurrency": levels_c},
         "servers": servers,
         "rows": [asdict(r) for r in rows],

@@ -26,7 +26,9 @@ GPU_DEFAULTS = {
 }
 
 # On the CPU ``gpu_memory_utilization`` is the share of the NUMA node's memory
-# reserved for the KV cache; eager mode starts several times faster there.
+# reserved for the KV cache; eager mode starts several times faster there. The
+# "uni" executor runs the model in the engine-core process: no worker process
+# busy-waiting on a shared-memory queue (see ``cpu_engine_environment``).
 CPU_DEFAULTS = {
     "gpu_memory_utilization": 0.2,
     "max_model_len": 2048,
@@ -34,6 +36,7 @@ CPU_DEFAULTS = {
     "dtype": "bfloat16",
     "tensor_parallel_size": 1,
     "enforce_eager": True,
+    "distributed_executor_backend": "uni",
 }
 
 
@@ -43,6 +46,18 @@ def engine_args(model_path: str, device: str, overrides: dict | None = None) -> 
     args = {"model": model_path, **defaults, "disable_log_stats": False}
     args.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return args
+
+
+def cpu_engine_environment(engine_args: dict, cpus: int) -> dict[str, str]:
+    """Environment for a vLLM CPU engine started with ``engine_args``; the model applies the same.
+
+    vLLM's CPU build swaps the "uni" executor for a worker process unless V1
+    multiprocessing is off (the engine core keeps its own process either way).
+    Its own worker leaves one CPU to the serving processes; so does this.
+    """
+    if engine_args.get("distributed_executor_backend") != "uni":
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cpus - 1))}
 
 
 def config_pbtxt(name: str, instance_kind: str = "KIND_MODEL", metrics: bool = True) -> str:

@@ -5,6 +5,8 @@ import time
 
 from conftest import run_script
 
+from serving.model_config import cpu_engine_environment
+
 
 def prepare(repo, *args, env=None):
     return run_script("prepare_qwen_pt.py", "--repository", str(repo), "--device", "cpu", *args, env=env)
@@ -17,6 +19,7 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
     engine = json.loads((model / "1" / "model.json").read_text())
     assert engine["model"] == "weights"
     assert engine["max_model_len"] == 2048 and engine["enforce_eager"] is True
+    assert engine["distributed_executor_backend"] == "uni"
     assert (model / "1" / "weights" / "config.json").is_file()
     assert "im_start" in (model / "1" / "weights" / "chat_template.jinja").read_text()
 
@@ -39,6 +42,15 @@ def test_gpu_defaults_fit_an_8gb_card(tmp_path):
     engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
     assert engine["gpu_memory_utilization"] == 0.85
     assert engine["max_model_len"] == 4096 and engine["enforce_eager"] is False
+    assert "distributed_executor_backend" not in engine  # vLLM's own choice on a GPU
+
+
+def test_the_uni_executor_gets_its_environment_and_leaves_one_cpu_free():
+    uni = {"distributed_executor_backend": "uni"}
+    assert cpu_engine_environment(uni, 8) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "7"}
+    assert cpu_engine_environment(uni, 1)["OMP_NUM_THREADS"] == "1"
+    assert cpu_engine_environment({"distributed_executor_backend": "mp"}, 8) == {}
+    assert cpu_engine_environment({}, 8) == {}
 
 
 def test_unreachable_hub_fails_fast_and_names_the_alternatives(tmp_path):

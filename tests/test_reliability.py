@@ -262,6 +262,13 @@ def engine_core_pids(server):
     return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
 
 
+def test_the_cpu_engine_runs_the_model_without_a_worker_process(server):
+    procs = psutil.Process(server.process.pid).children(recursive=True)
+    assert len(engine_core_pids(server)) == 1
+    workers = [p.name() for p in procs if "Worker" in p.name() or "Worker" in " ".join(p.cmdline())]
+    assert workers == [], "vLLM started a separate worker process: the uni executor did not take effect"
+
+
 @pytest.mark.slow
 def test_dying_engine_fails_fast_then_comes_back(server, generate_url, grpc_url):
     pids = engine_core_pids(server)
