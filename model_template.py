@@ -31,6 +31,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.usage.usage_lib import UsageContext  # noqa: E402
 
 try:
     from vllm.sampling_params import StructuredOutputsParams
@@ -42,6 +43,8 @@ LORA_FILE = "multi_lora.json"
 LOG_PREFIX = "[vllm]"
 SHUTDOWN_GRACE_S = 20.0  # below Triton's default --exit-timeout-secs of 30
 CANCEL_POLL_S = 0.2
+DEFAULT_MAX_RESPONSES_PER_SECOND = 2000.0
+MAX_RESPONSE_INTERVAL_S = 0.05  # text that is ready never waits longer than this
 
 BOOL_INPUTS = [
     "stream",
@@ -77,7 +80,7 @@ class EngineEndedRequest(Exception):
     """The engine ended a request without finishing it (aborted it, or closed its output)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One request in flight."""
 
@@ -93,6 +96,7 @@ class Job:
     # the final send and the cancellation check exclude each other.
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: bool = False
+    last_sent: float = 0.0  # monotonic time of the last response
 
 
 @dataclass
@@ -172,6 +176,7 @@ class TritonPythonModel:
         self.loras = self._read_loras(version_dir, engine_config)
         self.engine_args = self._engine_args(engine_config)
 
+        self.max_response_rate = self._config_number("MAX_RESPONSES_PER_SECOND", DEFAULT_MAX_RESPONSES_PER_SECOND)
         self.metrics = None
         if self._config_flag("REPORT_CUSTOM_METRICS", default=True) and not self.engine_args.disable_log_stats:
             self.metrics = Metrics({"model": self.model_name, "version": args["model_version"]})
@@ -266,9 +271,22 @@ class TritonPythonModel:
         value = self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
         return default if value == "" else value.lower() in ("true", "1", "yes")
 
+    def _config_number(self, key, default):
+        value = self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+        try:
+            number = default if value == "" else float(value)
+        except ValueError:
+            number = -1.0
+        if not number >= 0:
+            raise pb_utils.TritonModelException(f"config.pbtxt: parameter {key} must be a number, 0 or more; got {value!r}")
+        return number
+
     def _new_engine(self):
         loggers = [self.metrics.stat_logger_factory()] if self.metrics else None
-        return AsyncLLMEngine.from_engine_args(self.engine_args, stat_loggers=loggers)
+        # A server's scheduler defaults (max_num_batched_tokens by GPU), as `vllm serve` gets them.
+        return AsyncLLMEngine.from_engine_args(
+            self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+        )
 
     async def _start_engine(self):
         return self._new_engine()
@@ -468,51 +486,78 @@ class TritonPythonModel:
     def _send_responses(self):
         """Send from one dedicated thread so the engine's event loop never blocks on IPC.
 
-        Each response costs a round trip to the server process, so deltas of one
-        request that queued up while the previous send was under way go out
-        merged, as one response.
+        Each response costs a round trip to the server process, so under load a
+        request's new output waits until its interval is up and goes out merged
+        (see ``_interval_s``). First and final responses and errors go out at once.
         """
+        pending = {}  # job -> [[Delta or error response, final], ...] in arrival order
         while True:
-            batch = [self.responses.get()]
-            while True:
-                try:
-                    batch.append(self.responses.get_nowait())
-                except queue.Empty:
-                    break
-            pending = []
-            for item in batch:
+            for item in self._take(self._wait_s(pending)):
                 if item is None:
                     self._send_all(pending)
                     return
                 job, payload, final = item
-                last = next((p for p in reversed(pending) if p[0] is job), None)
-                if last and isinstance(last[1], Delta) and isinstance(payload, Delta) and not last[2]:
-                    last[1].extend(payload)
-                    last[2] = final
+                entries = pending.setdefault(job, [])
+                if entries and isinstance(entries[-1][0], Delta) and isinstance(payload, Delta) and not entries[-1][1]:
+                    entries[-1][0].extend(payload)
+                    entries[-1][1] = final
                 else:
-                    pending.append([job, payload, final])
-            self._send_all(pending)
+                    entries.append([payload, final])
+            ready_at = time.monotonic() - self._interval_s()
+            due = {job: entries for job, entries in pending.items() if job.last_sent <= ready_at or _closes(entries)}
+            for job in due:
+                del pending[job]
+            self._send_all(due)
+
+    def _interval_s(self):
+        """Least time between two responses of one request: the requests in flight
+        share MAX_RESPONSES_PER_SECOND, so a lone stream gets every engine output."""
+        if not self.max_response_rate:
+            return 0.0
+        return min(MAX_RESPONSE_INTERVAL_S, len(self.jobs) / self.max_response_rate)
+
+    def _wait_s(self, pending):
+        """How long the sender may block for new output: until the first held response is due."""
+        if not pending:
+            return None
+        return max(0.0, min(job.last_sent for job in pending) + self._interval_s() - time.monotonic())
+
+    def _take(self, timeout):
+        try:
+            items = [self.responses.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self.responses.get_nowait())
+            except queue.Empty:
+                return items
 
     def _send_all(self, pending):
-        for job, payload, final in pending:
-            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-            try:
-                response = self._response(job, payload) if isinstance(payload, Delta) else payload
-                with job.lock:
-                    job.sender.send(response, flags=flags)
-                    job.done = job.done or final
-            except Exception:
-                self.logger.log_error(f"{LOG_PREFIX} sending a response of {job.id} failed: {traceback.format_exc()}")
-                if not final:
-                    continue
-                with contextlib.suppress(Exception), job.lock:
-                    job.done = True
-                    job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            if final:
-                with self.jobs_lock:
-                    self.jobs.pop(job.id, None)
-                if self.metrics:
-                    self.metrics.request_finished()
+        for job, entries in pending.items():
+            for payload, final in entries:
+                self._send(job, payload, final)
+            job.last_sent = time.monotonic()
+
+    def _send(self, job, payload, final):
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        try:
+            response = self._response(job, payload) if isinstance(payload, Delta) else payload
+            with job.lock:
+                job.sender.send(response, flags=flags)
+                job.done = job.done or final
+        except Exception:
+            self.logger.log_error(f"{LOG_PREFIX} sending a response of {job.id} failed: {traceback.format_exc()}")
+            if not final:
+                return
+            with contextlib.suppress(Exception), job.lock:
+                job.done = True
+                job.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        if final:
+            with self.jobs_lock:
+                self.jobs.pop(job.id, None)
+            if self.metrics:
+                self.metrics.request_finished()
 
     def _poll_cancellations(self):
         """Triton marks a request cancelled when its client cancels or disconnects."""
@@ -568,6 +613,11 @@ def _cpu_engine_environment(config):
     if config.get("distributed_executor_backend") != "uni":
         return {}
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) - 1))}
+
+
+def _closes(entries):
+    """Whether held entries end their request or carry an error: those go out at once."""
+    return any(final or not isinstance(payload, Delta) for payload, final in entries)
 
 
 def _string_input(request, name):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from serving.download import COMPLETE_MARKER, HubUnreachable, download
-from serving.model_config import detect_device, engine_args, write_model
+from serving.model_config import DEFAULT_MAX_RESPONSES_PER_SECOND, detect_device, engine_args, write_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-0.5B"
@@ -68,6 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     out.add_argument("--no-metrics", action="store_true", help="do not report vLLM metrics on the metrics port")
     out.add_argument(
+        "--max-responses-per-second",
+        type=float,
+        default=DEFAULT_MAX_RESPONSES_PER_SECOND,
+        metavar="N",
+        help="streamed responses per second shared by the requests in flight: under load each stream's new text "
+        "goes out merged, at most every in-flight/N seconds (never more than 50 ms); 0 sends one response "
+        "per engine output (default: %(default)g)",
+    )
+    out.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -106,7 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="any other vLLM engine argument, VALUE parsed as JSON when it can be (repeatable)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.max_responses_per_second >= 0:
+        parser.error(f"--max-responses-per-second must be 0 or more, got {args.max_responses_per_second:g}")
+    return args
 
 
 def parse_engine_arg(item: str) -> tuple[str, object]:
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         instance_kind=args.instance_kind,
         metrics=not args.no_metrics,
         loras=loras,
+        max_responses_per_second=args.max_responses_per_second,
     )
     print(f"Model '{args.name}' ready in {model_dir} ({device} defaults; engine arguments in {version_dir / 'model.json'}).")
     return 0

@@ -411,9 +411,11 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         return rows, info
     if target == "engine":
         from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.usage.usage_lib import UsageContext
 
         start = time.perf_counter()
-        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args))
+        # The server defaults the model and `vllm serve` get (max_num_batched_tokens by GPU).
+        engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args), usage_context=UsageContext.OPENAI_API_SERVER)
         info["startup_s"] = time.perf_counter() - start
         try:
             meter = CpuMeter(os.getpid(), client_separate=False)

@@ -60,7 +60,18 @@ def cpu_engine_environment(engine_args: dict, cpus: int) -> dict[str, str]:
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cpus - 1))}
 
 
-def config_pbtxt(name: str, instance_kind: str = "KIND_MODEL", metrics: bool = True) -> str:
+# Streamed responses per second, shared by the requests in flight (0: one response
+# per engine output). The Python backend pays a round trip between processes for
+# each response; see the README's "Streaming under load".
+DEFAULT_MAX_RESPONSES_PER_SECOND = 2000
+
+
+def config_pbtxt(
+    name: str,
+    instance_kind: str = "KIND_MODEL",
+    metrics: bool = True,
+    max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
+) -> str:
     """A few lines: the model fills in its inputs and outputs (auto-complete)."""
     return f"""name: "{name}"
 backend: "python"
@@ -68,6 +79,7 @@ max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 instance_group [{{ count: 1, kind: {instance_kind} }}]
 parameters: {{ key: "REPORT_CUSTOM_METRICS", value: {{ string_value: "{str(metrics).lower()}" }} }}
+parameters: {{ key: "MAX_RESPONSES_PER_SECOND", value: {{ string_value: "{max_responses_per_second:g}" }} }}
 """
 
 
@@ -78,6 +90,7 @@ def write_model(
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
     loras: dict[str, str] | None = None,
+    max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
 ) -> Path:
     """Create or refresh ``repository/name``; weights elsewhere are left untouched.
 
@@ -91,7 +104,7 @@ def write_model(
     if loras:
         args = {**args, "enable_lora": True}
         lora_file.write_text(json.dumps(loras, indent=2) + "\n")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second))
     (version_dir / "model.json").write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
     return model_dir

@@ -3,6 +3,8 @@ or config.pbtxt. A server of its own in explicit model-control mode, so that eac
 model loads, or fails to, on request while the others keep serving."""
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,9 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "gpu-split", "--instance-kind", "KIND_GPU", "--tensor-parallel-size", "2")
     prepare(repo, weights, "gpu-instance", "--instance-kind", "KIND_GPU")
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
+    prepare(repo, weights, "paced", "--max-responses-per-second", "10")
+    config = prepare(repo, weights, "bad-rate") / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "2000"', 'string_value: "fast"'))
     return repo
 
 
@@ -97,6 +102,7 @@ def test_unknown_lora_adapter_is_rejected_with_the_available_names(load_server):
         ("lora-without-adapters", "sets enable_lora, so"),
         ("context-too-long", "vLLM engine failed to start with"),
         ("gpu-split", "KIND_GPU"),
+        ("bad-rate", "config.pbtxt: parameter MAX_RESPONSES_PER_SECOND must be a number, 0 or more; got 'fast'"),
     ],
 )
 def test_a_model_that_cannot_load_says_why_and_harms_no_other(load_server, name, expected):
@@ -106,6 +112,32 @@ def test_a_model_that_cannot_load_says_why_and_harms_no_other(load_server, name,
     ready = requests.get(f"{load_server.url}/v2/models/{name}/ready", timeout=10)
     assert ready.status_code != 200
     assert generate(load_server).status_code == 200
+
+
+def test_streams_under_a_response_budget_get_merged_text_at_most_every_interval(load_server):
+    """MAX_RESPONSES_PER_SECOND 10: two streams share 10 responses a second, so each waits
+    the longest interval, 50 ms, between responses; no text is lost or reordered."""
+    assert load(load_server, "paced").status_code == 200
+    try:
+        url = f"{load_server.url}/v2/models/paced/generate"
+        params = json.dumps({"max_tokens": 200, "temperature": 0, "ignore_eos": True})
+        body = {"text_input": "Hello world", "return_num_output_tokens": True, "sampling_parameters": params}
+
+        def stream(_):
+            start = time.monotonic()
+            events = sse_events(requests.post(url + "_stream", json={**body, "stream": True}, timeout=120))
+            return events, time.monotonic() - start
+
+        with ThreadPoolExecutor(2) as pool:
+            streams = list(pool.map(stream, range(2)))
+        whole = requests.post(url, json={**body, "exclude_input_in_output": True}, timeout=120).json()["text_output"]
+        for events, elapsed in streams:
+            assert sum(e["num_output_tokens"] for e in events) == 200
+            assert "".join(e["text_output"] for e in events) == whole
+            # The first response goes at once, the final one as soon as it is ready.
+            assert len(events) <= elapsed / 0.05 + 2, f"{len(events)} responses in {elapsed:.2f} s"
+    finally:
+        requests.post(f"{load_server.url}/v2/repository/models/paced/unload", timeout=120)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,9 @@ def prepare(repo, *args, env=None):
 
 def test_tiny_builds_a_complete_model_repository(tiny_repository):
     model = tiny_repository / "qwen2.5-0.5b"
-    assert (model / "config.pbtxt").read_text().count("decoupled: true") == 1
+    config = (model / "config.pbtxt").read_text()
+    assert config.count("decoupled: true") == 1
+    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
     assert (model / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
     engine = json.loads((model / "1" / "model.json").read_text())
     assert engine["model"] == "weights"
@@ -29,9 +31,12 @@ def test_rerun_rewrites_the_json_not_the_weights(tmp_path):
     weights = tmp_path / "qwen2.5-0.5b" / "1" / "weights" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     time.sleep(0.01)
-    done = prepare(tmp_path, "--tiny", "--max-model-len", "512", "--engine-arg", "max_num_seqs=8", "--name", "qwen2.5-0.5b")
+    done = prepare(
+        tmp_path, "--tiny", "--max-model-len", "512", "--engine-arg", "max_num_seqs=8", "--max-responses-per-second", "0"
+    )
     assert done.returncode == 0, done.stderr
     assert weights.stat().st_mtime_ns == before
+    assert 'string_value: "0"' in (tmp_path / "qwen2.5-0.5b" / "config.pbtxt").read_text()
     engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
     assert engine["max_model_len"] == 512 and engine["max_num_seqs"] == 8
 
@@ -73,3 +78,9 @@ def test_bad_engine_arg_is_a_usage_error(tmp_path):
     done = prepare(tmp_path, "--tiny", "--engine-arg", "novalue")
     assert done.returncode == 2
     assert "KEY=VALUE" in done.stderr
+
+
+def test_negative_response_budget_is_a_usage_error(tmp_path):
+    done = prepare(tmp_path, "--tiny", "--max-responses-per-second", "-5")
+    assert done.returncode == 2
+    assert "--max-responses-per-second must be 0 or more, got -5" in done.stderr
