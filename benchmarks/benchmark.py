@@ -333,15 +333,23 @@ async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str) -
 
 
 async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter) -> list[Row]:
-    """Each level runs args.repeat times; the run with the median output tokens/s is kept."""
+    """One run of each level, after the warm-up."""
     rows = []
     await run_level(send, prompts_for(args.warmup), min(args.warmup, 4))
     for concurrency, prompts in levels:
-        runs = [await run_measured(send, prompts, concurrency, meter, name) for _ in range(args.repeat)]
-        runs.sort(key=lambda r: r.output_tok_s)
-        row = runs[len(runs) // 2]
-        row.tok_s_runs = [r.output_tok_s for r in runs]
+        row = await run_measured(send, prompts, concurrency, meter, name)
         progress(row)
+        rows.append(row)
+    return rows
+
+
+def median_runs(rounds: list[list[Row]]) -> list[Row]:
+    """Per target and level, the run with the median output tokens/s; every run's tokens/s kept."""
+    rows = []
+    for runs in zip(*rounds, strict=True):
+        ordered = sorted(runs, key=lambda r: r.output_tok_s)
+        row = ordered[len(ordered) // 2]
+        row.tok_s_runs = [r.output_tok_s for r in runs]
         rows.append(row)
     return rows
 
@@ -535,7 +543,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="runs per level; the run with the median output tokens/s is reported, all runs' tokens/s are kept (default: %(default)s)",
+        help="rounds over all targets, each server started afresh, so that a machine's drift reaches every target alike; "
+        "per level the run with the median output tokens/s is reported, all runs' tokens/s are kept (default: %(default)s)",
     )
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per target, not measured (default: %(default)s)")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="environment with Triton and vLLM (default: %(default)s)")
@@ -583,19 +592,25 @@ async def main_async(args) -> int:
         print(
             f"  {row.target:<12} c={row.concurrency:<4} {row.output_tok_s:9.1f} tok/s  "
             f"TTFT {row.ttft_ms['median'] or 0:8.1f} ms  server CPU {row.server_cpu_us_per_tok or 0:5.0f} us/tok  failed {row.failed}"
-            + (f"  (runs: {', '.join(f'{t:.0f}' for t in row.tok_s_runs)} tok/s)" if len(row.tok_s_runs) > 1 else "")
             + (f" (first error: {row.first_error[:200]})" if row.first_error else ""),
             flush=True,
         )
 
-    rows: list[Row] = []
+    rounds: list[list[Row]] = []
     servers = {}
-    for target in targets:
-        print(f"[{target}] starting ...", flush=True)
-        target_rows, info = await bench_target(target, args, engine_args, levels, prompts_for, progress)
-        servers[target] = info
-        print(f"[{target}] start-up {info.get('startup_s', 0):.1f} s, resident memory {info.get('rss_mb', 0):.0f} MB", flush=True)
-        rows += target_rows
+    for round_no in range(1, args.repeat + 1):
+        rows = []
+        for target in targets:
+            print(f"[{target}] starting{f' (round {round_no} of {args.repeat})' if args.repeat > 1 else ''} ...", flush=True)
+            target_rows, info = await bench_target(target, args, engine_args, levels, prompts_for, progress)
+            servers.setdefault(target, info)
+            print(
+                f"[{target}] start-up {info.get('startup_s', 0):.1f} s, resident memory {info.get('rss_mb', 0):.0f} MB",
+                flush=True,
+            )
+            rows += target_rows
+        rounds.append(rows)
+    rows = median_runs(rounds)
 
     result = {
         "engine_args": engine_args,
