@@ -43,7 +43,7 @@ LORA_FILE = "multi_lora.json"
 LOG_PREFIX = "[vllm]"
 SHUTDOWN_GRACE_S = 20.0  # below Triton's default --exit-timeout-secs of 30
 CANCEL_POLL_S = 0.2
-DEFAULT_MAX_RESPONSES_PER_SECOND = 2000.0
+DEFAULT_MAX_RESPONSES_PER_SECOND = 0.0  # without the parameter: one response per engine output
 MAX_RESPONSE_INTERVAL_S = 0.05  # text that is ready never waits longer than this
 
 BOOL_INPUTS = [

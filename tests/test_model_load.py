@@ -3,6 +3,7 @@ or config.pbtxt. A server of its own in explicit model-control mode, so that eac
 model loads, or fails to, on request while the others keep serving."""
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,7 +45,7 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     prepare(repo, weights, "paced", "--max-responses-per-second", "10")
     config = prepare(repo, weights, "bad-rate") / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "2000"', 'string_value: "fast"'))
+    config.write_text(re.sub(r'(MAX_RESPONSES_PER_SECOND", value: \{ string_value: )"[^"]*"', r'\1"fast"', config.read_text()))
     return repo
 
 
