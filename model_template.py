@@ -267,12 +267,16 @@ class TritonPythonModel:
             resolved[name] = LoRARequest(name, len(resolved) + 1, folder)
         return resolved
 
+    def _config_value(self, key):
+        """A config.pbtxt parameter's string value; "" when it is not set."""
+        return self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+
     def _config_flag(self, key, default=False):
-        value = self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+        value = self._config_value(key)
         return default if value == "" else value.lower() in ("true", "1", "yes")
 
     def _config_number(self, key, default):
-        value = self.model_config.get("parameters", {}).get(key, {}).get("string_value", "")
+        value = self._config_value(key)
         try:
             number = default if value == "" else float(value)
         except ValueError:
