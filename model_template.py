@@ -18,6 +18,7 @@ import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import queue  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -43,7 +44,11 @@ LORA_FILE = "multi_lora.json"
 LOG_PREFIX = "[vllm]"
 SHUTDOWN_GRACE_S = 20.0  # below Triton's default --exit-timeout-secs of 30
 CANCEL_POLL_S = 0.2
-DEFAULT_MAX_RESPONSES_PER_SECOND = 0.0  # without the parameter: one response per engine output
+DEFAULT_MAX_RESPONSES_PER_SECOND = 2000.0  # without the parameter; as serving/model_config.py writes it
+# The sender thread releases the GIL for each response's round trip to the server
+# and must then win it back from the busy event loop, which Python forces only
+# after the switch interval (5 ms by default): a cap of about 170 responses a second.
+GIL_SWITCH_INTERVAL_S = 0.0005
 MAX_RESPONSE_INTERVAL_S = 0.05  # text that is ready never waits longer than this
 
 BOOL_INPUTS = [
@@ -197,6 +202,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"vLLM engine failed to start with {os.path.join(version_dir, ENGINE_ARGS_FILE)}: {exc}"
             ) from exc
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.sender_thread = threading.Thread(target=self._send_responses, name="vllm-send", daemon=True)
         self.sender_thread.start()
         self.poller_stop = threading.Event()

@@ -62,16 +62,16 @@ def cpu_engine_environment(engine_args: dict, cpus: int) -> dict[str, str]:
 
 # Streamed responses per second, shared by the requests in flight (0: one response
 # per engine output). The Python backend pays a round trip between processes for
-# each response; see the README's "Streaming under load". Measured to help on the
-# CPU; on a GPU its one run showed longer gaps between chunks, so it stays off there.
-MAX_RESPONSES_PER_SECOND = {"gpu": 0, "cpu": 2000}
+# each response; see the README's "Streaming under load". The model has the same
+# default for a config.pbtxt without the parameter.
+MAX_RESPONSES_PER_SECOND = 2000
 
 
 def config_pbtxt(
     name: str,
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
-    max_responses_per_second: float = 0,
+    max_responses_per_second: float = MAX_RESPONSES_PER_SECOND,
 ) -> str:
     """A few lines: the model fills in its inputs and outputs (auto-complete)."""
     return f"""name: "{name}"
@@ -91,7 +91,7 @@ def write_model(
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
     loras: dict[str, str] | None = None,
-    max_responses_per_second: float = 0,
+    max_responses_per_second: float = MAX_RESPONSES_PER_SECOND,
 ) -> Path:
     """Create or refresh ``repository/name``; weights elsewhere are left untouched.
 

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""How many streamed responses a second the Python backend's sender thread gets out,
+with and without another thread keeping the GIL busy, per interpreter switch interval.
+
+The model's sender thread releases the GIL for each response's round trip to the
+server process and then has to win it back from vLLM's output loop; Python makes
+a busy thread give the GIL up only after the switch interval. This measures that
+cap on a real tritonserver with a small model (benchmarks/send_rate_model.py):
+
+  .venv/bin/python benchmarks/send_rate.py
+
+Exit codes: 0 done, 1 the server failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from serving.client import iter_sse  # noqa: E402
+from serving.tritonserver import LocalServer, ServerError, free_port  # noqa: E402
+
+CONFIG = """name: "send_rate"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+instance_group [{ count: 1, kind: KIND_CPU }]
+input [{ name: "text_input", data_type: TYPE_STRING, dims: [1] }]
+output [{ name: "text_output", data_type: TYPE_STRING, dims: [-1] }]
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--responses", type=int, default=2000, help="responses per measurement (default: %(default)s)")
+    parser.add_argument(
+        "--switch-intervals",
+        default="0.005,0.001,0.0005,0.0002",
+        help="comma-separated sys.setswitchinterval values in seconds; 0.005 is Python's default (default: %(default)s)",
+    )
+    parser.add_argument("--repeat", type=int, default=2, help="measurements per setting (default: %(default)s)")
+    parser.add_argument("--venv", type=Path, default=ROOT / ".venv", help="environment with Triton (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        args.switch_intervals = [float(v) for v in args.switch_intervals.split(",")]
+    except ValueError:
+        parser.error(f"--switch-intervals must be numbers separated by commas, got {args.switch_intervals!r}")
+    if args.responses < 1 or args.repeat < 1 or not all(v > 0 for v in args.switch_intervals):
+        parser.error("--responses, --repeat and every switch interval must be positive")
+    return args
+
+
+def measure(url: str, config: dict) -> dict:
+    response = requests.post(f"{url}/v2/models/send_rate/generate_stream", json={"text_input": json.dumps(config)}, stream=True)
+    response.raise_for_status()
+    events = list(iter_sse(response))
+    return json.loads(events[-1]["text_output"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "send_rate"
+        (model_dir / "1").mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(CONFIG)
+        shutil.copyfile(Path(__file__).with_name("send_rate_model.py"), model_dir / "1" / "model.py")
+        server = LocalServer(
+            model_repository=Path(tmp),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            venv=args.venv,
+            log_file=Path(tmp) / "server.log",
+        )
+        try:
+            server.start(timeout_s=300)
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            print(f"{'switch interval':>16} {'busy thread':>12} {'responses/s':>12} {'busy rounds/s':>14}")
+            for interval in args.switch_intervals:
+                for busy in (False, True):
+                    for _ in range(args.repeat):
+                        config = {"responses": args.responses, "busy": busy, "switch_interval_s": interval}
+                        result = measure(server.url, config)
+                        rounds = f"{result['busy_rounds_per_s']:14.0f}" if busy else f"{'-':>14}"
+                        print(
+                            f"{interval * 1000:13.2f} ms {'yes' if busy else 'no':>12} {result['responses_per_s']:12.0f} {rounds}"
+                        )
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
