@@ -208,7 +208,9 @@ class TritonPythonModel:
         self.poller_stop = threading.Event()
         self.poller_thread = threading.Thread(target=self._poll_cancellations, name="vllm-cancel", daemon=True)
         self.poller_thread.start()
-        self.logger.log_info(f"{LOG_PREFIX} model '{self.model_name}' ready: {engine_config}")
+        self.logger.log_info(
+            f"{LOG_PREFIX} model '{self.model_name}' ready: {engine_config}; MAX_RESPONSES_PER_SECOND {self.max_response_rate:g}"
+        )
 
     def _read_engine_config(self, version_dir):
         path = os.path.join(version_dir, ENGINE_ARGS_FILE)

@@ -44,6 +44,8 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "gpu-instance", "--instance-kind", "KIND_GPU")
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     prepare(repo, weights, "paced", "--max-responses-per-second", "10")
+    config = prepare(repo, weights, "no-budget") / "config.pbtxt"
+    config.write_text(re.sub(r'parameters: \{ key: "MAX_RESPONSES_PER_SECOND".*\n', "", config.read_text()))
     config = prepare(repo, weights, "bad-rate") / "config.pbtxt"
     config.write_text(re.sub(r'(MAX_RESPONSES_PER_SECOND", value: \{ string_value: )"[^"]*"', r'\1"fast"', config.read_text()))
     return repo
@@ -139,6 +141,23 @@ def test_streams_under_a_response_budget_get_merged_text_at_most_every_interval(
             assert len(events) <= elapsed / 0.05 + 2, f"{len(events)} responses in {elapsed:.2f} s"
     finally:
         requests.post(f"{load_server.url}/v2/repository/models/paced/unload", timeout=120)
+
+
+def test_a_config_without_a_response_budget_gets_the_default(load_server, repository):
+    """A hand-written config.pbtxt may leave MAX_RESPONSES_PER_SECOND out."""
+    assert "MAX_RESPONSES_PER_SECOND" not in (repository / "no-budget" / "config.pbtxt").read_text()
+    assert load(load_server, "no-budget").status_code == 200
+    try:
+        ready = [line for line in load_server.log_file.read_text().splitlines() if "model 'no-budget' ready" in line]
+        assert ready and ready[-1].rstrip('"').endswith("; MAX_RESPONSES_PER_SECOND 2000"), ready
+        url = f"{load_server.url}/v2/models/no-budget/generate"
+        params = json.dumps({"max_tokens": 64, "temperature": 0, "ignore_eos": True})
+        body = {"text_input": "Hello world", "exclude_input_in_output": True, "sampling_parameters": params}
+        events = sse_events(requests.post(url + "_stream", json={**body, "stream": True}, timeout=120))
+        whole = requests.post(url, json=body, timeout=120).json()["text_output"]
+        assert "".join(e["text_output"] for e in events) == whole
+    finally:
+        requests.post(f"{load_server.url}/v2/repository/models/no-budget/unload", timeout=120)
 
 
 @pytest.mark.gpu
