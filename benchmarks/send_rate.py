@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from serving.client import iter_sse  # noqa: E402
-from serving.tritonserver import LocalServer, ServerError, free_port  # noqa: E402
+from serving.tritonserver import LocalServer, ServerError, free_port, tail  # noqa: E402
 
 CONFIG = """name: "send_rate"
 backend: "python"
@@ -63,7 +63,19 @@ def measure(url: str, config: dict) -> dict:
     response = requests.post(f"{url}/v2/models/send_rate/generate_stream", json={"text_input": json.dumps(config)}, stream=True)
     response.raise_for_status()
     events = list(iter_sse(response))
+    if not events or "text_output" not in events[-1]:
+        raise ServerError(f"the send-rate model did not report its figures: {events[-1:] or 'no events'}")
     return json.loads(events[-1]["text_output"])
+
+
+def report(url: str, args: argparse.Namespace) -> None:
+    print(f"{'switch interval':>16} {'busy thread':>12} {'responses/s':>12} {'busy rounds/s':>14}")
+    for interval in args.switch_intervals:
+        for busy in (False, True):
+            for _ in range(args.repeat):
+                result = measure(url, {"responses": args.responses, "busy": busy, "switch_interval_s": interval})
+                rounds = f"{result['busy_rounds_per_s']:14.0f}" if busy else f"{'-':>14}"
+                print(f"{interval * 1000:13.2f} ms {'yes' if busy else 'no':>12} {result['responses_per_s']:12.0f} {rounds}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,23 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             log_file=Path(tmp) / "server.log",
         )
         try:
-            server.start(timeout_s=300)
-        except ServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            with server:
+                report(server.url, args)
+        except (ServerError, TimeoutError, requests.RequestException) as exc:
+            print(f"error: {exc}\nlast lines of the server log:\n{tail(server.log_file)}", file=sys.stderr)
             return 1
-        try:
-            print(f"{'switch interval':>16} {'busy thread':>12} {'responses/s':>12} {'busy rounds/s':>14}")
-            for interval in args.switch_intervals:
-                for busy in (False, True):
-                    for _ in range(args.repeat):
-                        config = {"responses": args.responses, "busy": busy, "switch_interval_s": interval}
-                        result = measure(server.url, config)
-                        rounds = f"{result['busy_rounds_per_s']:14.0f}" if busy else f"{'-':>14}"
-                        print(
-                            f"{interval * 1000:13.2f} ms {'yes' if busy else 'no':>12} {result['responses_per_s']:12.0f} {rounds}"
-                        )
-        finally:
-            server.stop()
     return 0
 
 
