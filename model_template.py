@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, fields  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+import uvloop  # noqa: E402
+import vllm.envs  # noqa: E402
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
@@ -192,7 +194,7 @@ class TritonPythonModel:
         self.restarting = False
         self.restart_lock = threading.Lock()
         self.responses = queue.Queue()
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # as `vllm serve` runs: the pure-Python loop costs more per engine output
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.loop_thread.start()
         try:
@@ -202,6 +204,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"vLLM engine failed to start with {os.path.join(version_dir, ENGINE_ARGS_FILE)}: {exc}"
             ) from exc
+        if hasattr(vllm.envs, "enable_envs_cache"):  # vLLM 0.11+; otherwise every output reads os.environ
+            vllm.envs.enable_envs_cache()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.sender_thread = threading.Thread(target=self._send_responses, name="vllm-send", daemon=True)
         self.sender_thread.start()

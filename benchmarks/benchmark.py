@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import uvloop  # noqa: E402
 
 from serving.model_config import cpu_engine_environment  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
@@ -637,7 +638,8 @@ async def main_async(args) -> int:
 
 
 def main(argv=None) -> int:
-    return asyncio.run(main_async(parse_args(argv)))
+    # uvloop, as `vllm serve` and the model run theirs: the in-process engine is the floor.
+    return uvloop.run(main_async(parse_args(argv)))
 
 
 if __name__ == "__main__":
