@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -432,6 +433,9 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
             info["rss_mb"] = tree_rss_mb(os.getpid())
         finally:
             engine.shutdown()
+            # Collected at interpreter exit instead, its __del__ fails with a traceback.
+            del engine
+            gc.collect()
         return rows, info
     port = free_port()
     log = open(args.out_dir / "vllm-serve.log", "wb")

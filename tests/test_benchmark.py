@@ -85,6 +85,7 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
     result = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["target"]: r for r in result["rows"]}
     assert sorted(rows) == ["engine", "triton-grpc", "vllm-serve"]
