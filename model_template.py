@@ -204,7 +204,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"vLLM engine failed to start with {os.path.join(version_dir, ENGINE_ARGS_FILE)}: {exc}"
             ) from exc
-        if hasattr(vllm.envs, "enable_envs_cache"):  # vLLM 0.11+; otherwise every output reads os.environ
+        if hasattr(vllm.envs, "enable_envs_cache"):  # without it, vLLM reads os.environ for every output
             vllm.envs.enable_envs_cache()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.sender_thread = threading.Thread(target=self._send_responses, name="vllm-send", daemon=True)
