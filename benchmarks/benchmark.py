@@ -391,11 +391,8 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
     info: dict = {}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     if target in ("triton-http", "triton-grpc"):
-        server = LocalServer(
-            model_repository=args.model_repository.resolve(),
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
+        server = LocalServer.on_free_ports(
+            args.model_repository.resolve(),
             venv=args.venv.resolve(),
             log_file=args.out_dir.resolve() / f"{target}.log",
         )

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from serving.client import iter_sse  # noqa: E402
-from serving.tritonserver import LocalServer, ServerError, free_port, tail  # noqa: E402
+from serving.tritonserver import LocalServer, ServerError, tail  # noqa: E402
 
 CONFIG = """name: "send_rate"
 backend: "python"
@@ -85,14 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         (model_dir / "1").mkdir(parents=True)
         (model_dir / "config.pbtxt").write_text(CONFIG)
         shutil.copyfile(Path(__file__).with_name("send_rate_model.py"), model_dir / "1" / "model.py")
-        server = LocalServer(
-            model_repository=Path(tmp),
-            http_port=free_port(),
-            grpc_port=free_port(),
-            metrics_port=free_port(),
-            venv=args.venv,
-            log_file=Path(tmp) / "server.log",
-        )
+        server = LocalServer.on_free_ports(Path(tmp), venv=args.venv, log_file=Path(tmp) / "server.log")
         try:
             with server:
                 report(server.url, args)

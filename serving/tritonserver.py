@@ -88,6 +88,12 @@ class LocalServer:
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
 
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, **options) -> LocalServer:
+        """A server on three TCP ports nothing uses now (see ``free_port``)."""
+        ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+        return cls(model_repository=model_repository, **ports, **options)
+
     @property
     def triton_dir(self) -> Path:
         return self.venv / "tritonserver"

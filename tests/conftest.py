@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from serving.client import iter_sse
-from serving.tritonserver import LocalServer, free_port
+from serving.tritonserver import LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-0.5b"
@@ -90,11 +90,8 @@ def tiny_repository(tmp_path_factory) -> Path:
 
 def start_server(repository: Path, log_file: Path, **options) -> LocalServer:
     """A real local tritonserver on free ports, started and ready."""
-    srv = LocalServer(
-        model_repository=repository,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
+    srv = LocalServer.on_free_ports(
+        repository,
         venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
         log_file=log_file,
         **options,

@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 import requests
-from conftest import PYTHON, ROOT, free_port, iter_sse, metric, run_script, wait_for
+from conftest import PYTHON, ROOT, iter_sse, metric, run_script, wait_for
+
+from serving.tritonserver import free_port
 
 CLIENTS = ["client_http.py", "client_grpc.py"]
 
