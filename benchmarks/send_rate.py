@@ -60,7 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure(url: str, config: dict) -> dict:
-    response = requests.post(f"{url}/v2/models/send_rate/generate_stream", json={"text_input": json.dumps(config)}, stream=True, timeout=120)
+    response = requests.post(
+        f"{url}/v2/models/send_rate/generate_stream", json={"text_input": json.dumps(config)}, stream=True, timeout=120
+    )
     response.raise_for_status()
     events = list(iter_sse(response))
     if not events or "text_output" not in events[-1]:
