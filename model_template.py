@@ -12,13 +12,18 @@ import locale
 
 locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
+import os  # noqa: E402
+import sys  # noqa: E402
+
+# The triton_vllm_model package beside this file; the engine processes vLLM
+# spawns inherit this path (the worker extension of the CPU engine is there).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import queue  # noqa: E402
-import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -30,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 import uvloop  # noqa: E402
+import vllm  # noqa: E402
 import vllm.envs  # noqa: E402
 from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: E402
 from vllm.lora.request import LoRARequest  # noqa: E402
@@ -96,6 +102,7 @@ class Job:
     stream: bool
     prepend_input: bool
     outputs: dict
+    sampled_logprobs: bool = False  # the request asked for per-token log-probabilities
     start: float = field(default_factory=time.monotonic)
     task: typing.Any = None
     cancelled: bool = False
@@ -213,7 +220,8 @@ class TritonPythonModel:
         self.poller_thread = threading.Thread(target=self._poll_cancellations, name="vllm-cancel", daemon=True)
         self.poller_thread.start()
         self.logger.log_info(
-            f"{LOG_PREFIX} model '{self.model_name}' ready: {engine_config}; MAX_RESPONSES_PER_SECOND {self.max_response_rate:g}"
+            f"{LOG_PREFIX} model '{self.model_name}' ready on vLLM {vllm.__version__}: {engine_config}; "
+            f"MAX_RESPONSES_PER_SECOND {self.max_response_rate:g}"
         )
 
     def _read_engine_config(self, version_dir):
@@ -353,6 +361,10 @@ class TritonPythonModel:
             raise RequestError(
                 f'priority {priority} needs priority scheduling: set "scheduling_policy": "priority" in {ENGINE_ARGS_FILE}'
             )
+        outputs = {name[len("return_") :]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
+        sampled_logprobs = params.get("logprobs") is not None
+        if outputs["cumulative_logprob"] and not sampled_logprobs:
+            params["logprobs"] = 0  # vLLM sums log-probabilities only when it computes them; 0: the sampled token's alone
         sampling = _sampling_params(params, stream)
         limit = self.engine_args.max_model_len
         if limit and sampling.max_tokens is not None and sampling.max_tokens > limit:
@@ -360,13 +372,13 @@ class TritonPythonModel:
                 f"max_tokens {sampling.max_tokens} is more than the maximum context length {limit} "
                 f"(max_model_len in {ENGINE_ARGS_FILE})"
             )
-        outputs = {name[len("return_") :]: bool(flags[name]) for name in BOOL_INPUTS if name.startswith("return_")}
         job = Job(
             id=self._request_id(request),
             sender=sender,
             stream=stream,
             prepend_input=not stream and not exclude,
             outputs=outputs,
+            sampled_logprobs=sampled_logprobs,
         )
         return job, prompt, sampling, lora, priority
 
@@ -482,7 +494,8 @@ class TritonPythonModel:
             values = [s.cumulative_logprob if s and s.cumulative_logprob is not None else 0.0 for s in seqs]
             tensors.append(pb_utils.Tensor("cumulative_logprob", np.asarray(values, dtype=np.float32)))
         if job.outputs["logprobs"]:
-            tensors.append(pb_utils.Tensor("logprobs", _strings([_logprobs_json(s) for s in seqs])))
+            values = [_logprobs_json(s) if job.sampled_logprobs else "null" for s in seqs]
+            tensors.append(pb_utils.Tensor("logprobs", _strings(values)))
         if job.outputs["num_input_tokens"]:
             tensors.append(pb_utils.Tensor("num_input_tokens", np.asarray([delta.num_input_tokens], dtype=np.uint32)))
         if job.outputs["num_output_tokens"]:

@@ -438,6 +438,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
     log = open(args.out_dir / "vllm-serve.log", "wb")
     proc = subprocess.Popen(
         vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, name),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the engine arguments' worker extension is in triton_vllm_model
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -1,5 +1,6 @@
 """The one writer of a model's Triton files: ``config.pbtxt``, ``1/model.json``, ``1/model.py``
-and, when LoRA adapters are served, ``1/multi_lora.json``.
+with the ``triton_vllm_model`` package beside it and, when LoRA adapters are served,
+``1/multi_lora.json``.
 
 ``prepare_qwen_pt.py`` calls ``write_model`` with the engine arguments made by
 ``engine_args``; the model reads ``model.json`` once at load time.
@@ -11,8 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
+from triton_vllm_model import amx
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TEMPLATE = PROJECT_ROOT / "model_template.py"
+MODEL_PACKAGE = PROJECT_ROOT / "triton_vllm_model"
 
 # Defaults that fit the reference card, an RTX 3060 Ti with 8 GB: Qwen2.5-0.5B's
 # weights take about 1 GB, the rest is KV cache and CUDA graphs.
@@ -28,7 +32,8 @@ GPU_DEFAULTS = {
 # On the CPU ``gpu_memory_utilization`` is the share of the NUMA node's memory
 # reserved for the KV cache; eager mode starts several times faster there. The
 # "uni" executor runs the model in the engine-core process: no worker process
-# busy-waiting on a shared-memory queue (see ``cpu_engine_environment``).
+# busy-waiting on a shared-memory queue (see ``cpu_engine_environment``). The
+# worker extension asks for Intel AMX in that process (see triton_vllm_model/amx.py).
 CPU_DEFAULTS = {
     "gpu_memory_utilization": 0.2,
     "max_model_len": 2048,
@@ -37,6 +42,7 @@ CPU_DEFAULTS = {
     "tensor_parallel_size": 1,
     "enforce_eager": True,
     "distributed_executor_backend": "uni",
+    "worker_extension_cls": amx.WORKER_EXTENSION,
 }
 
 
@@ -108,6 +114,9 @@ def write_model(
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second))
     (version_dir / "model.json").write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
+    package = version_dir / MODEL_PACKAGE.name
+    shutil.rmtree(package, ignore_errors=True)
+    shutil.copytree(MODEL_PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
     return model_dir
 
 

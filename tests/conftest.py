@@ -1,7 +1,7 @@
 """One real local Triton server on the tiny model, shared by the whole session.
 
 Environment variables:
-  TEST_VENV         virtual environment with Triton and vLLM (default: .venv)
+  TEST_VENV         virtual environment the servers run in, with Triton and vLLM (default: .venv)
   TEST_START_TIMEOUT  seconds the server may take to become ready (default: 600)
   TEST_DEVICE       cpu (default) or gpu: the engine defaults the models get; gpu
                     also selects the tests marked ``gpu`` (deselected otherwise)
@@ -24,6 +24,7 @@ from serving.tritonserver import LocalServer
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-0.5b"
 PYTHON = sys.executable
+SERVER_VENV = Path(os.environ.get("TEST_VENV", ROOT / ".venv"))
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 # prepare_qwen_pt.py flags for the device. On a GPU several test servers share the
 # card, and the tiny model's context (2,048) is shorter than the GPU default.
@@ -73,6 +74,15 @@ def sse_events(resp) -> list[dict]:
     return list(iter_sse(resp))
 
 
+def vllm_version(venv: Path) -> str:
+    """The version of vLLM that the servers of ``venv`` run."""
+    done = subprocess.run(
+        [venv / "bin" / "python", "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 def wait_for(condition, timeout_s):
     deadline = time.monotonic() + timeout_s
     while not condition() and time.monotonic() < deadline:
@@ -92,7 +102,7 @@ def start_server(repository: Path, log_file: Path, **options) -> LocalServer:
     """A real local tritonserver on free ports, started and ready."""
     srv = LocalServer.on_free_ports(
         repository,
-        venv=Path(os.environ.get("TEST_VENV", ROOT / ".venv")),
+        venv=SERVER_VENV,
         log_file=log_file,
         **options,
     )

@@ -1,13 +1,14 @@
 """Model features beyond plain generation: extra outputs, n, structured output,
 chat messages, metrics, request ids, priorities and LoRA errors."""
 
+import itertools
 import json
 import math
 import time
 
 import pytest
 import requests
-from conftest import metrics
+from conftest import metrics, sse_events
 
 
 def generate(url, **body):
@@ -29,6 +30,22 @@ def test_logprobs_and_cumulative_logprob_agree(generate_url):
     assert all(c["rank"] == 1 for c in chosen)  # greedy picks the most likely token
     assert all(len(step["candidates"]) >= 2 for step in steps)
     assert math.isclose(sum(c["logprob"] for c in chosen), out["cumulative_logprob"], rel_tol=1e-3, abs_tol=1e-3)
+
+
+def test_cumulative_logprob_is_real_without_per_token_logprobs(generate_url):
+    body = {
+        "text_input": "Hello world",
+        "stream": True,
+        "return_cumulative_logprob": True,
+        "return_logprobs": True,
+        "sampling_parameters": json.dumps({"max_tokens": 8, "temperature": 0, "ignore_eos": True}),
+    }
+    events = sse_events(requests.post(f"{generate_url}_stream", json=body, stream=True, timeout=120))
+    totals = [event["cumulative_logprob"] for event in events]
+    assert len(totals) >= 2
+    assert totals[0] < 0
+    assert all(later < earlier for earlier, later in itertools.pairwise(totals)), totals
+    assert all(event["logprobs"] == "null" for event in events)  # not asked for: not returned
 
 
 def test_n_returns_one_element_per_sequence(generate_url):
