@@ -2,11 +2,16 @@
 # make test    lint, then the whole test suite against a real local server
 # make lint    ruff + shellcheck only
 # make test-gpu  the suite on an NVIDIA GPU, GPU-only tests included
+# make test-compat  the tests that exercise model.py, served by the Docker image's
+#                vLLM version (its CPU build, in .venv-compat)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+COMPAT_VENV ?= .venv-compat
+COMPAT_TESTS := tests/test_http.py tests/test_grpc.py tests/test_features.py tests/test_model_load.py \
+	tests/test_platform.py tests/test_reliability.py tests/test_clients.py
 
-.PHONY: setup test test-fast test-gpu lint clean
+.PHONY: setup test test-fast test-gpu test-compat lint clean
 
 setup:
 	scripts/setup.sh
@@ -25,6 +30,10 @@ test-fast: lint
 test-gpu: lint
 	TEST_DEVICE=gpu $(PY) -m pytest $(PYTEST_ARGS)
 
+test-compat: lint
+	VENV=$(COMPAT_VENV) scripts/setup.sh --compat
+	TEST_VENV=$(COMPAT_VENV) $(PY) -m pytest -m "not slow" $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 clean:
 	./start_triton.sh --stop || true
-	rm -rf $(VENV) logs
+	rm -rf $(VENV) $(COMPAT_VENV) logs

@@ -37,7 +37,7 @@ cd "$(dirname "$0")"
 HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
-TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:25.10-vllm-python-py3}
+TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.08-vllm-python-py3}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 API_KEY=${TRITON_API_KEY:-}
 CONTAINER=triton-vllm-qwen

@@ -6,12 +6,13 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-Usage: scripts/setup.sh [--cpu | --gpu] [--wheel-dir DIR] [--system-site-packages] [--force]
+Usage: scripts/setup.sh [--cpu | --gpu | --compat] [--wheel-dir DIR] [--system-site-packages] [--force]
 
 Creates .venv/ and installs into it:
   requirements.txt            clients and model preparation
   requirements/serve-cpu.txt  vLLM for x86 CPUs (default without an NVIDIA GPU)
   requirements/serve-gpu.txt  vLLM built for CUDA (default with an NVIDIA GPU)
+  requirements/serve-compat.txt  the Docker image's vLLM version, built for CPUs (--compat)
   requirements/test.txt       pytest and linters
   Triton Inference Server 2.51 with its Python backend, from the
   nvidia-pytriton wheel, under .venv/tritonserver/
@@ -19,6 +20,8 @@ Creates .venv/ and installs into it:
 Options:
   --cpu            install the CPU build of vLLM even if a GPU is present
   --gpu            install the CUDA build of vLLM even if no GPU is detected
+  --compat         install the CPU build of the vLLM version in the pinned Docker
+                   image (make test-compat uses it, with VENV=.venv-compat)
   --wheel-dir DIR  install offline from a folder of wheels (air-gapped hosts);
                    the folder must hold every wheel, nvidia-pytriton included
   --system-site-packages
@@ -46,6 +49,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu) flavor=cpu ;;
     --gpu) flavor=gpu ;;
+    --compat) flavor=compat ;;
     --wheel-dir) WHEEL_DIR=${2:?--wheel-dir needs a folder}; shift ;;
     --system-site-packages) venv_args+=(--system-site-packages) ;;
     --force) force=1 ;;
