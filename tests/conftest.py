@@ -3,8 +3,8 @@
 Environment variables:
   TEST_VENV         virtual environment the servers run in, with Triton and vLLM (default: .venv)
   TEST_START_TIMEOUT  seconds the server may take to become ready (default: 600)
-  TEST_DEVICE       cpu (default) or gpu: the engine defaults the models get; gpu
-                    also selects the tests marked ``gpu`` (deselected otherwise)
+  TEST_DEVICE       cpu (default) or gpu: the engine defaults the models get; the
+                    tests marked for the other device (``gpu``, ``cpu``) are deselected
 """
 
 from __future__ import annotations
@@ -33,12 +33,11 @@ DEVICE_FLAGS = ["--device", DEVICE] + (GPU_FLAGS if DEVICE == "gpu" else [])
 
 
 def pytest_collection_modifyitems(config, items):
-    if DEVICE == "gpu":
-        return
-    gpu_only = [item for item in items if item.get_closest_marker("gpu")]
-    if gpu_only:
-        config.hook.pytest_deselected(items=gpu_only)
-        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    other_device = "cpu" if DEVICE == "gpu" else "gpu"
+    elsewhere = [item for item in items if item.get_closest_marker(other_device)]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if not item.get_closest_marker(other_device)]
 
 
 def run_script(*args: str, timeout: float = 300, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:

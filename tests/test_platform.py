@@ -36,6 +36,7 @@ def test_a_fresh_server_answers_a_one_token_prompt_first(fresh_server):
     assert second.json()["num_output_tokens"] == 16
 
 
+@pytest.mark.cpu
 def test_the_engine_process_asks_for_amx(fresh_server):
     log = fresh_server.log_file.read_text()
     lines = [line for line in log.splitlines() if "AMX tile permission for process" in line]

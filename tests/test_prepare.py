@@ -3,6 +3,7 @@
 import json
 import time
 
+import pytest
 from conftest import run_script
 
 from serving.model_config import cpu_engine_environment
@@ -12,6 +13,7 @@ def prepare(repo, *args, env=None):
     return run_script("prepare_qwen_pt.py", "--repository", str(repo), "--device", "cpu", *args, env=env)
 
 
+@pytest.mark.cpu
 def test_tiny_builds_a_complete_model_repository(tiny_repository):
     model = tiny_repository / "qwen2.5-0.5b"
     config = (model / "config.pbtxt").read_text()
@@ -22,6 +24,8 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
     assert engine["model"] == "weights"
     assert engine["max_model_len"] == 2048 and engine["enforce_eager"] is True
     assert engine["distributed_executor_backend"] == "uni"
+    assert engine["worker_extension_cls"] == "triton_vllm_model.amx.AmxWorkerExtension"
+    assert (model / "1" / "triton_vllm_model" / "amx.py").is_file()
     assert (model / "1" / "weights" / "config.json").is_file()
     assert "im_start" in (model / "1" / "weights" / "chat_template.jinja").read_text()
 
