@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from triton_vllm_model import amx
+from triton_vllm_model import AMX_WORKER_EXTENSION
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TEMPLATE = PROJECT_ROOT / "model_template.py"
@@ -42,7 +42,7 @@ CPU_DEFAULTS = {
     "tensor_parallel_size": 1,
     "enforce_eager": True,
     "distributed_executor_backend": "uni",
-    "worker_extension_cls": amx.WORKER_EXTENSION,
+    "worker_extension_cls": AMX_WORKER_EXTENSION,
 }
 
 

@@ -9,7 +9,7 @@ import sys
 
 import aiohttp
 import pytest
-from conftest import MODEL, ROOT, run_script
+from conftest import DEVICE, MODEL, ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402
@@ -100,6 +100,9 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
         assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout
+    if DEVICE == "cpu":  # every target's engine process asked for AMX, as the model's does
+        assert "AMX tile permission" in done.stdout + done.stderr
+        assert "AMX tile permission" in (tmp_path / "vllm-serve.log").read_text()
 
 
 @pytest.mark.parametrize("flags", [["--repeat", "0"], ["--targets", "triton-grpc,nonsense"]])

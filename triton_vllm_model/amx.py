@@ -25,8 +25,6 @@ SYS_ARCH_PRCTL = 158  # x86-64
 ARCH_REQ_XCOMP_PERM = 0x1023
 XFEATURE_XTILEDATA = 18
 
-WORKER_EXTENSION = f"{__name__}.AmxWorkerExtension"
-
 
 def request_amx() -> str:
     """Ask Linux to let this process use AMX tiles; say what came of it."""
