@@ -13,6 +13,16 @@ import shutil
 from pathlib import Path
 
 from triton_vllm_model import AMX_WORKER_EXTENSION
+from triton_vllm_model.config import (
+    DEFAULT_MAX_RESPONSES_PER_SECOND,
+    ENGINE_ARGS_FILE,
+    LORA_FILE,
+    cpu_engine_environment,
+)
+from triton_vllm_model.config import MAX_RESPONSES_PER_SECOND as MAX_RESPONSES_PARAMETER
+from triton_vllm_model.config import REPORT_CUSTOM_METRICS as METRICS_PARAMETER
+
+__all__ = ["MAX_RESPONSES_PER_SECOND", "config_pbtxt", "cpu_engine_environment", "detect_device", "engine_args", "write_model"]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TEMPLATE = PROJECT_ROOT / "model_template.py"
@@ -54,23 +64,8 @@ def engine_args(model_path: str, device: str, overrides: dict | None = None) -> 
     return args
 
 
-def cpu_engine_environment(engine_args: dict, cpus: int) -> dict[str, str]:
-    """Environment for a vLLM CPU engine started with ``engine_args``; the model applies the same.
-
-    vLLM's CPU build swaps the "uni" executor for a worker process unless V1
-    multiprocessing is off (the engine core keeps its own process either way).
-    Its own worker leaves one CPU to the serving processes; so does this.
-    """
-    if engine_args.get("distributed_executor_backend") != "uni":
-        return {}
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cpus - 1))}
-
-
-# Streamed responses per second, shared by the requests in flight (0: one response
-# per engine output). The Python backend pays a round trip between processes for
-# each response; see the README's "Streaming under load". The model has the same
-# default for a config.pbtxt without the parameter.
-MAX_RESPONSES_PER_SECOND = 2000
+# The default of prepare_qwen_pt.py --max-responses-per-second (see triton_vllm_model/config.py).
+MAX_RESPONSES_PER_SECOND = DEFAULT_MAX_RESPONSES_PER_SECOND
 
 
 def config_pbtxt(
@@ -85,8 +80,8 @@ backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
 instance_group [{{ count: 1, kind: {instance_kind} }}]
-parameters: {{ key: "REPORT_CUSTOM_METRICS", value: {{ string_value: "{str(metrics).lower()}" }} }}
-parameters: {{ key: "MAX_RESPONSES_PER_SECOND", value: {{ string_value: "{max_responses_per_second:g}" }} }}
+parameters: {{ key: "{METRICS_PARAMETER}", value: {{ string_value: "{str(metrics).lower()}" }} }}
+parameters: {{ key: "{MAX_RESPONSES_PARAMETER}", value: {{ string_value: "{max_responses_per_second:g}" }} }}
 """
 
 
@@ -106,13 +101,13 @@ def write_model(
     model_dir = repository / name
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
-    lora_file = version_dir / "multi_lora.json"
+    lora_file = version_dir / LORA_FILE
     lora_file.unlink(missing_ok=True)
     if loras:
         args = {**args, "enable_lora": True}
         lora_file.write_text(json.dumps(loras, indent=2) + "\n")
     (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second))
-    (version_dir / "model.json").write_text(json.dumps(args, indent=2) + "\n")
+    (version_dir / ENGINE_ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
     package = version_dir / MODEL_PACKAGE.name
     shutil.rmtree(package, ignore_errors=True)

@@ -1,0 +1,40 @@
+"""Values the model and the side that prepares its folder (serving/model_config.py) share.
+
+Plain Python only: prepare_qwen_pt.py imports this without vLLM, torch or
+Triton's Python backend, and vLLM's engine processes import amx.py, not this.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Files in the model's version folder, beside model.py.
+ENGINE_ARGS_FILE = "model.json"  # vLLM engine arguments
+LORA_FILE = "multi_lora.json"  # LoRA adapter names -> folders, when enable_lora is set
+
+# config.pbtxt parameters the model reads.
+REPORT_CUSTOM_METRICS = "REPORT_CUSTOM_METRICS"
+MAX_RESPONSES_PER_SECOND = "MAX_RESPONSES_PER_SECOND"
+
+# Streamed responses per second, shared by the requests in flight (0: one response
+# per engine output). The Python backend pays a round trip between processes for
+# each response; see the README's "Streaming under load". prepare_qwen_pt.py writes
+# it into config.pbtxt; the model uses it for a config.pbtxt without the parameter.
+DEFAULT_MAX_RESPONSES_PER_SECOND = 2000
+
+LOG_PREFIX = "[vllm]"  # the model's log lines
+
+
+def cpu_engine_environment(engine_args: dict, cpus: int | None = None) -> dict[str, str]:
+    """Environment for a vLLM CPU engine started with ``engine_args``; the model applies it before starting one.
+
+    vLLM's CPU build swaps the "uni" executor for a worker process unless V1
+    multiprocessing is off (the engine core keeps its own process either way).
+    Its own worker leaves one CPU to the serving processes; so does this.
+    ``cpus``: the CPUs the engine may use; by default this process's.
+    """
+    if engine_args.get("distributed_executor_backend") != "uni":
+        return {}
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0))
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(max(1, cpus - 1))}
