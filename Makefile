@@ -1,5 +1,6 @@
 # make setup   create/refresh .venv (idempotent)
-# make test    lint, then the whole test suite against a real local server
+# make test    lint, then the whole test suite against a real local server (unit tests included)
+# make test-unit  the unit tests only: the model's logic, no server (tests/unit)
 # make lint    ruff + shellcheck only
 # make test-gpu  the suite on an NVIDIA GPU, GPU-only tests included
 # make test-compat  the tests that exercise model.py, served by the Docker image's
@@ -11,7 +12,7 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_TESTS := tests/test_http.py tests/test_grpc.py tests/test_features.py tests/test_model_load.py \
 	tests/test_platform.py tests/test_reliability.py tests/test_clients.py
 
-.PHONY: setup test test-fast test-gpu test-compat lint clean
+.PHONY: setup test test-unit test-fast test-gpu test-compat lint clean
 
 setup:
 	scripts/setup.sh
@@ -23,6 +24,9 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit -q
 
 test-fast: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

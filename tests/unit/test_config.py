@@ -1,0 +1,64 @@
+"""Values the model and prepare_qwen_pt.py share (triton_vllm_model/config.py)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from serving import model_config
+from triton_vllm_model import config
+
+UNI = {"distributed_executor_backend": "uni"}
+
+
+def test_one_default_response_budget():
+    assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 2000
+    assert model_config.MAX_RESPONSES_PER_SECOND == config.DEFAULT_MAX_RESPONSES_PER_SECOND
+    assert f"{config.DEFAULT_MAX_RESPONSES_PER_SECOND:g}" == "2000"
+
+
+def test_file_and_parameter_names():
+    assert (config.ENGINE_ARGS_FILE, config.LORA_FILE) == ("model.json", "multi_lora.json")
+    pbtxt = model_config.config_pbtxt("m")
+    assert 'parameters: { key: "REPORT_CUSTOM_METRICS", value: { string_value: "true" } }' in pbtxt
+    assert 'parameters: { key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" } }' in pbtxt
+    assert config.REPORT_CUSTOM_METRICS in pbtxt and config.MAX_RESPONSES_PER_SECOND in pbtxt
+
+
+@pytest.mark.parametrize(
+    "engine_args, cpus, expected",
+    [
+        (UNI, 8, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "7"}),
+        (UNI, 1, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}),
+        ({"distributed_executor_backend": "mp"}, 8, {}),
+        ({}, 8, {}),
+    ],
+)
+def test_cpu_engine_environment(engine_args, cpus, expected):
+    assert config.cpu_engine_environment(engine_args, cpus) == expected
+
+
+def test_cpu_engine_environment_defaults_to_this_process_cpus(monkeypatch):
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert config.cpu_engine_environment(UNI)["OMP_NUM_THREADS"] == "2"
+    assert model_config.cpu_engine_environment is config.cpu_engine_environment
+
+
+def test_write_model_copies_the_package(tmp_path):
+    model_dir = model_config.write_model(tmp_path, "m", {"model": "weights"}, loras={"a": "/x"})
+    version = model_dir / "1"
+    assert (version / config.ENGINE_ARGS_FILE).is_file() and (version / config.LORA_FILE).is_file()
+    assert (version / "model.py").is_file()
+    for module in ("__init__", "amx", "config", "inputs", "loading", "metrics", "outputs", "sender"):
+        assert (version / "triton_vllm_model" / f"{module}.py").is_file(), module
+
+
+def test_preparation_side_stays_light():
+    """prepare_qwen_pt.py imports serving.model_config: no vLLM, torch, numpy, Triton or amx.py."""
+    code = (
+        "import sys, serving.model_config, triton_vllm_model.config; "
+        "print(sorted(m for m in ('vllm', 'torch', 'numpy', 'triton_python_backend_utils', 'triton_vllm_model.amx') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
