@@ -9,7 +9,7 @@ import sys
 
 import aiohttp
 import pytest
-from conftest import DEVICE, MODEL, ROOT, run_script
+from helpers import DEVICE, MODEL, ROOT, run_script
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402

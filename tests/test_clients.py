@@ -9,8 +9,9 @@ import subprocess
 
 import pytest
 import requests
-from conftest import PYTHON, ROOT, iter_sse, metric, run_script, wait_for
+from helpers import PYTHON, ROOT, metric, run_script, wait_for
 
+from serving.client import iter_sse
 from serving.tritonserver import free_port
 
 CLIENTS = ["client_http.py", "client_grpc.py"]

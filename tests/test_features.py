@@ -8,7 +8,7 @@ import time
 
 import pytest
 import requests
-from conftest import metrics, sse_events
+from helpers import metrics, sse_events
 
 
 def generate(url, **body):

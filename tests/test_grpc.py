@@ -1,49 +1,12 @@
 """gRPC streaming with tritonclient, as clients of the official vLLM backend do it."""
 
-import json
-import queue
-
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-
-MODEL = "qwen2.5-0.5b"
-
-
-def inputs(prompt, stream, params, **flags):
-    def bytes_input(name, value):
-        t = grpcclient.InferInput(name, [1], "BYTES")
-        t.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
-        return t
-
-    def bool_input(name, value):
-        t = grpcclient.InferInput(name, [1], "BOOL")
-        t.set_data_from_numpy(np.array([value], dtype=bool))
-        return t
-
-    result = [bytes_input("text_input", prompt), bool_input("stream", stream)]
-    result.append(bytes_input("sampling_parameters", json.dumps(params)))
-    result += [bool_input(name, value) for name, value in flags.items()]
-    return result
+from helpers import grpc_inputs, grpc_stream
 
 
 def stream_infer(url, prompt, stream, params, **flags):
-    responses = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer(MODEL, inputs(prompt, stream, params, **flags), enable_empty_final_response=True)
-    got = []
-    while True:
-        result, error = responses.get(timeout=120)
-        if error is not None:
-            client.stop_stream()
-            return got, error
-        got.append(result)
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            break
-    client.stop_stream()
-    client.close()
-    return got, None
+    return grpc_stream(url, grpc_inputs(prompt, stream, params, **flags))
 
 
 def text(result):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import requests
-from conftest import sse_events
+from helpers import MODEL, sse_events
 
 GREEDY = {"max_tokens": 12, "temperature": 0}
 
@@ -20,7 +20,7 @@ def test_generate_returns_prompt_and_continuation(generate_url):
     resp = requests.post(generate_url, json={"text_input": "Hello world", "parameters": GREEDY}, timeout=120)
     assert resp.status_code == 200
     body = resp.json()
-    assert body["model_name"] == "qwen2.5-0.5b"
+    assert body["model_name"] == MODEL
     assert body["text_output"].startswith("Hello world")
     assert len(body["text_output"]) > len("Hello world")
 

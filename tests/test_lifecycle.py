@@ -9,8 +9,9 @@ import time
 import psutil
 import pytest
 import requests
-from conftest import MODEL, ROOT, iter_sse, run_script, start_server
+from helpers import MODEL, ROOT, run_script, start_server
 
+from serving.client import iter_sse
 from serving.tritonserver import free_port
 
 

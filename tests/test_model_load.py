@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import DEVICE_FLAGS, MODEL, run_script, sse_events, start_server
+from helpers import DEVICE_FLAGS, MODEL, run_script, sse_events, start_server
 
 from serving.tiny_model import make_lora_adapter
 

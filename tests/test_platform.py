@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import MODEL, SERVER_VENV, start_server, vllm_version
+from helpers import MODEL, SERVER_VENV, start_server, vllm_version
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import json
 import time
 
 import pytest
-from conftest import run_script
+from helpers import MODEL, run_script
 
 from serving.model_config import cpu_engine_environment
 
@@ -15,7 +15,7 @@ def prepare(repo, *args, env=None):
 
 @pytest.mark.cpu
 def test_tiny_builds_a_complete_model_repository(tiny_repository):
-    model = tiny_repository / "qwen2.5-0.5b"
+    model = tiny_repository / MODEL
     config = (model / "config.pbtxt").read_text()
     assert config.count("decoupled: true") == 1
     assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
@@ -32,7 +32,7 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
 
 def test_rerun_rewrites_the_json_not_the_weights(tmp_path):
     assert prepare(tmp_path, "--tiny").returncode == 0
-    weights = tmp_path / "qwen2.5-0.5b" / "1" / "weights" / "model.safetensors"
+    weights = tmp_path / MODEL / "1" / "weights" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     time.sleep(0.01)
     done = prepare(
@@ -40,19 +40,19 @@ def test_rerun_rewrites_the_json_not_the_weights(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert weights.stat().st_mtime_ns == before
-    assert 'string_value: "0"' in (tmp_path / "qwen2.5-0.5b" / "config.pbtxt").read_text()
-    engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
+    assert 'string_value: "0"' in (tmp_path / MODEL / "config.pbtxt").read_text()
+    engine = json.loads((tmp_path / MODEL / "1" / "model.json").read_text())
     assert engine["max_model_len"] == 512 and engine["max_num_seqs"] == 8
 
 
 def test_gpu_defaults_fit_an_8gb_card(tmp_path):
     done = run_script("prepare_qwen_pt.py", "--repository", str(tmp_path), "--device", "gpu", "--tiny")
     assert done.returncode == 0, done.stderr
-    engine = json.loads((tmp_path / "qwen2.5-0.5b" / "1" / "model.json").read_text())
+    engine = json.loads((tmp_path / MODEL / "1" / "model.json").read_text())
     assert engine["gpu_memory_utilization"] == 0.85
     assert engine["max_model_len"] == 4096 and engine["enforce_eager"] is False
     assert "distributed_executor_backend" not in engine  # vLLM's own choice on a GPU
-    config = (tmp_path / "qwen2.5-0.5b" / "config.pbtxt").read_text()
+    config = (tmp_path / MODEL / "config.pbtxt").read_text()
     assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
 
 

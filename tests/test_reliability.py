@@ -1,6 +1,5 @@
 """Bad input, load, disconnects and a dying engine: nothing lost, nothing hung."""
 
-import json
 import os
 import queue
 import signal
@@ -8,14 +7,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import psutil
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from conftest import MODEL, iter_sse, metric, metrics, sse_events, wait_for
+from helpers import MODEL, grpc_inputs, grpc_stream, metric, metrics, sse_events, wait_for
 from tritonclient.utils import InferenceServerException
 
+from serving.client import iter_sse
 from serving.tritonserver import tree_rss_mb
 
 GREEDY = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
@@ -97,34 +96,12 @@ def test_oversized_body_is_refused_and_server_stays_ready(server, generate_url):
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
 
 
-def grpc_inputs(prompt_bytes, params):
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([prompt_bytes], dtype=np.object_))
-    stream = grpcclient.InferInput("stream", [1], "BOOL")
-    stream.set_data_from_numpy(np.array([True]))
-    sampling = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
-    sampling.set_data_from_numpy(np.array([json.dumps(params).encode()], dtype=np.object_))
-    return [text, stream, sampling]
-
-
-def grpc_stream(url, inputs):
-    responses = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
-    text = ""
-    try:
-        while True:
-            result, error = responses.get(timeout=120)
-            if error is not None:
-                return None, str(error)
-            out = result.as_numpy("text_output")
-            text += "".join(x.decode() for x in out) if out is not None else ""
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return text, None
-    finally:
-        client.stop_stream()
-        client.close()
+def grpc_text(url, prompt, params):
+    """A streamed gRPC request's whole text, or (None, the error)."""
+    got, error = grpc_stream(url, grpc_inputs(prompt, True, params))
+    if error is not None:
+        return None, str(error)
+    return "".join(x.decode() for result in got if (out := result.as_numpy("text_output")) is not None for x in out), None
 
 
 @pytest.mark.parametrize(
@@ -139,12 +116,12 @@ def grpc_stream(url, inputs):
     ],
 )
 def test_bad_grpc_stream_requests_get_an_error(grpc_url, prompt, params, message):
-    text, error = grpc_stream(grpc_url, grpc_inputs(prompt, params))
+    text, error = grpc_text(grpc_url, prompt, params)
     assert error is not None and message in error
 
 
 def test_a_good_stream_is_untouched_by_bad_traffic(grpc_url, generate_url):
-    clean, error = grpc_stream(grpc_url, grpc_inputs(b"The quiet river", GREEDY))
+    clean, error = grpc_text(grpc_url, b"The quiet river", GREEDY)
     assert error is None and clean
     stop = threading.Event()
 
@@ -156,7 +133,7 @@ def test_a_good_stream_is_untouched_by_bad_traffic(grpc_url, generate_url):
     worker = threading.Thread(target=bad_traffic)
     worker.start()
     try:
-        during, error = grpc_stream(grpc_url, grpc_inputs(b"The quiet river", GREEDY))
+        during, error = grpc_text(grpc_url, b"The quiet river", GREEDY)
     finally:
         stop.set()
         worker.join()
@@ -183,7 +160,7 @@ def one_request(generate_url, grpc_url, i):
             events = sse_events(resp)
         assert all("error" not in e for e in events), events
         return prompt, "".join(e["text_output"] for e in events)
-    text, error = grpc_stream(grpc_url, grpc_inputs(prompt.encode(), GREEDY))
+    text, error = grpc_text(grpc_url, prompt.encode(), GREEDY)
     assert error is None, error
     return prompt, text
 
@@ -232,7 +209,7 @@ def test_fifty_clients_dropping_mid_stream(server, generate_url, grpc_url):
             client = grpcclient.InferenceServerClient(grpc_url)
             client.start_stream(callback=lambda result, error, got=got: (errors.append(error), got.set()))
             try:
-                client.async_stream_infer(MODEL, grpc_inputs(f"y{i}".encode(), long))
+                client.async_stream_infer(MODEL, grpc_inputs(f"y{i}".encode(), True, long))
             except InferenceServerException:
                 client.close()
                 continue

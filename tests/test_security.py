@@ -2,6 +2,7 @@
 
 import requests
 import tritonclient.grpc as grpcclient
+from helpers import MODEL
 from tritonclient.utils import InferenceServerException
 
 
@@ -24,11 +25,11 @@ def test_model_control_api_needs_the_key_while_inference_does_not(server, genera
 def test_unload_over_grpc_without_the_key_is_refused(server):
     client = grpcclient.InferenceServerClient(f"{server.host}:{server.grpc_port}")
     try:
-        client.unload_model("qwen2.5-0.5b")
+        client.unload_model(MODEL)
         raise AssertionError("unload_model succeeded without the key")
     except InferenceServerException as exc:
         assert "restricted" in str(exc).lower() or "permission" in str(exc).lower() or "unavailable" in str(exc).lower()
-    assert client.is_model_ready("qwen2.5-0.5b")
+    assert client.is_model_ready(MODEL)
 
 
 def test_shared_memory_api_needs_the_key(server):
