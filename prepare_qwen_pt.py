@@ -11,17 +11,17 @@ Exit codes: 0 done, 2 bad usage, 3 model hub unreachable, 4 download failed.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
 
+from serving.client import DEFAULT_MODEL, json_or_text, split_option
 from serving.download import COMPLETE_MARKER, HubUnreachable, download
 from serving.model_config import MAX_RESPONSES_PER_SECOND, detect_device, engine_args, write_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-0.5B"
-DEFAULT_NAME = "qwen2.5-0.5b"
+DEFAULT_NAME = DEFAULT_MODEL  # the clients ask for this name by default
 WEIGHTS_DIR = "weights"  # inside the version folder; model.py resolves it there
 
 
@@ -122,13 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_engine_arg(item: str) -> tuple[str, object]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
-    try:
-        return key.replace("-", "_"), json.loads(raw)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), raw
+    key, raw = split_option(item, "--engine-arg")
+    return key.replace("-", "_"), json_or_text(raw)
 
 
 def parse_lora(item: str) -> tuple[str, str]:

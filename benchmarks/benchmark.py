@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import uvloop  # noqa: E402
 
+from serving.client import DEFAULT_MODEL  # noqa: E402
 from serving.model_config import cpu_engine_environment  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
@@ -531,7 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--model-repository", type=Path, default=ROOT / "model_repository", help="Triton model repository (default: %(default)s)"
     )
-    p.add_argument("--name", default="qwen2.5-0.5b", help="model name in the repository (default: %(default)s)")
+    p.add_argument("--name", default=DEFAULT_MODEL, help="model name in the repository (default: %(default)s)")
     p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ", ".join(TARGETS))
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated concurrency levels (default: %(default)s)")
     p.add_argument(

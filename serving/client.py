@@ -109,6 +109,22 @@ def add_common_args(parser: argparse.ArgumentParser, default_url: str) -> None:
     out.add_argument("-c", "--concurrency", type=int, default=1, help="requests in flight at once (default: %(default)s)")
 
 
+def split_option(item: str, option: str, form: str = "KEY=VALUE") -> tuple[str, str]:
+    """KEY and VALUE of a repeatable KEY=VALUE flag; ValueError naming the flag when KEY or "=" is missing."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"{option} expects {form}, got {item!r}")
+    return key, value
+
+
+def json_or_text(raw: str):
+    """A flag's VALUE parsed as JSON when it can be, else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def sampling_parameters(args: argparse.Namespace) -> dict:
     params = {"max_tokens": args.max_tokens}
     for key in ("temperature", "top_p", "top_k", "seed", "stop"):
@@ -116,22 +132,21 @@ def sampling_parameters(args: argparse.Namespace) -> dict:
         if value is not None:
             params[key] = value
     for item in args.param:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ClientError(USAGE, f"--param expects KEY=VALUE, got {item!r}")
         try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw
+            key, raw = split_option(item, "--param")
+        except ValueError as exc:
+            raise ClientError(USAGE, str(exc)) from None
+        params[key] = json_or_text(raw)
     return params
 
 
 def headers(args: argparse.Namespace) -> dict[str, str]:
     pairs = {}
     for item in args.header:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ClientError(USAGE, f"--header expects NAME=VALUE, got {item!r}")
+        try:
+            key, value = split_option(item, "--header", "NAME=VALUE")
+        except ValueError as exc:
+            raise ClientError(USAGE, str(exc)) from None
         pairs[key.lower()] = value
     return pairs
 
