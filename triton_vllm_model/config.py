@@ -18,7 +18,7 @@ MAX_RESPONSES_PER_SECOND = "MAX_RESPONSES_PER_SECOND"
 
 # Streamed responses per second, shared by the requests in flight (0: one response
 # per engine output). The Python backend pays a round trip between processes for
-# each response; see the README's "Streaming under load". prepare_qwen_pt.py writes
+# each response; see docs/streaming.md. prepare_qwen_pt.py writes
 # it into config.pbtxt; the model uses it for a config.pbtxt without the parameter.
 DEFAULT_MAX_RESPONSES_PER_SECOND = 2000
 
