@@ -12,19 +12,18 @@ Exit codes: 0 ok, 1 a request was rejected, 2 bad usage, 3 server unreachable,
 from __future__ import annotations
 
 import argparse
-import json
 import queue
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serving import client
 from serving.client import Chunk, ClientError, RequestFailed
+from serving.triton_inputs import request_inputs
 
 
 def connect(args: argparse.Namespace) -> grpcclient.InferenceServerClient:
@@ -58,30 +57,6 @@ def check_model(args: argparse.Namespace) -> None:
             client.NOT_READY, f"model '{args.model}' is not ready on {args.url}; check the name with --model and the server log"
         )
     conn.close()
-
-
-def tensor(name: str, value) -> grpcclient.InferInput:
-    array = np.array([value], dtype=np.object_ if isinstance(value, (str, bytes)) else bool)
-    if array.dtype == np.object_:
-        array = np.array([v.encode("utf-8") if isinstance(v, str) else v for v in array], dtype=np.object_)
-    inp = grpcclient.InferInput(name, [1], "BYTES" if array.dtype == np.object_ else "BOOL")
-    inp.set_data_from_numpy(array)
-    return inp
-
-
-def request_inputs(prompt: str, messages, stream: bool, params: dict) -> list[grpcclient.InferInput]:
-    inputs = [
-        tensor("text_input", prompt),
-        tensor("stream", stream),
-        tensor("exclude_input_in_output", True),
-        tensor("sampling_parameters", json.dumps(params)),
-        tensor("return_finish_reason", True),
-        tensor("return_num_input_tokens", True),
-        tensor("return_num_output_tokens", True),
-    ]
-    if messages is not None:
-        inputs.append(tensor("messages", json.dumps(messages)))
-    return inputs
 
 
 def to_chunk(result) -> Chunk:

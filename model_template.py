@@ -44,9 +44,14 @@ from triton_vllm_model import loading  # noqa: E402
 from triton_vllm_model.config import (  # noqa: E402
     DEFAULT_MAX_RESPONSES_PER_SECOND,
     ENGINE_ARGS_FILE,
+    ENGINE_DIED,
+    ENGINE_RESTARTING,
+    GENERATION_FAILED,
     LOG_PREFIX,
     MAX_RESPONSES_PER_SECOND,
     REPORT_CUSTOM_METRICS,
+    SHUTTING_DOWN,
+    UNREADABLE_REQUEST,
     cpu_engine_environment,
 )
 from triton_vllm_model.inputs import (  # noqa: E402
@@ -170,14 +175,14 @@ class TritonPythonModel:
                 continue
             except Exception as exc:
                 self.logger.log_error(f"{LOG_PREFIX} reading a request failed: {traceback.format_exc()}")
-                self._fail(sender, f"the request could not be read: {exc}", pb_utils.TritonError.INTERNAL)
+                self._fail(sender, f"{UNREADABLE_REQUEST}: {exc}", pb_utils.TritonError.INTERNAL)
                 continue
             if not self.accepting:
-                self._fail(sender, "the model is shutting down", pb_utils.TritonError.UNAVAILABLE)
+                self._fail(sender, SHUTTING_DOWN, pb_utils.TritonError.UNAVAILABLE)
                 continue
             if self.restarting or self.engine.errored:
                 self._engine_died()
-                self._fail(sender, "the vLLM engine is restarting; retry shortly", pb_utils.TritonError.UNAVAILABLE)
+                self._fail(sender, ENGINE_RESTARTING, pb_utils.TritonError.UNAVAILABLE)
                 continue
             with self.jobs_lock:
                 self.jobs[job.id] = job
@@ -318,10 +323,10 @@ class TritonPythonModel:
         name = type(exc).__name__
         if self.engine.errored or name == "EngineDeadError":
             self._engine_died()
-            return pb_utils.TritonError.UNAVAILABLE, f"the vLLM engine died; the model restarts it, retry shortly ({exc})"
+            return pb_utils.TritonError.UNAVAILABLE, f"{ENGINE_DIED} ({exc})"
         if isinstance(exc, (ValueError, TypeError)) or "ClientError" in name or "ValidationError" in name:
             return pb_utils.TritonError.INVALID_ARG, str(exc)
-        return pb_utils.TritonError.INTERNAL, f"generation failed: {name}: {exc}"
+        return pb_utils.TritonError.INTERNAL, f"{GENERATION_FAILED}: {name}: {exc}"
 
     # -------------------------------------------------------------- responses
 

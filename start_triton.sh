@@ -5,11 +5,13 @@ set -euo pipefail
 usage() {
   cat <<'EOF'
 Usage: ./start_triton.sh [--mode auto|local|docker] [--tiny] [--name NAME] [--public]
-                         [--api-key KEY] [--dry-run] [--stop]
+                         [--api-key KEY] [--no-openai] [--openai-api-key KEY]
+                         [--dry-run] [--stop]
 
 Sets up what is missing (the .venv environment, the model repository), starts
-tritonserver in the background, waits until /v2/health/ready answers and prints
-the endpoints. The server log is logs/tritonserver.log.
+tritonserver in the background, waits until /v2/health/ready answers, starts the
+OpenAI-compatible API in front of it and prints the endpoints. Logs:
+logs/tritonserver.log and logs/openai.log.
 
 Options:
   --mode MODE    local:  tritonserver from .venv (no Docker needed; CPU or GPU)
@@ -23,13 +25,19 @@ Options:
   --api-key KEY  require header 'x-triton-key: KEY' for the model-control,
                  shared-memory, trace and logging APIs (also TRITON_API_KEY);
                  over gRPC the metadata key is 'triton-grpc-protocol-x-triton-key'
+  --no-openai    do not start the OpenAI-compatible API (/v1/... on OPENAI_PORT)
+  --openai-api-key KEY
+                 require 'Authorization: Bearer KEY' on the OpenAI API's /v1/...
+                 (also OPENAI_API_KEY)
   --dry-run      print the commands that would run, change nothing
-  --stop         stop the server started by this script (either mode)
+  --stop         stop the server and the OpenAI API started by this script
   -h, --help     show this help
 
-Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002),
-TRITON_IMAGE (docker image), TRITON_API_KEY, MODEL_REPOSITORY (model_repository).
-Exit codes: 0 serving (or stopped), 1 the server failed to start, 2 bad usage.
+Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002), OPENAI_PORT (9000),
+TRITON_IMAGE (docker image), TRITON_API_KEY, OPENAI_API_KEY, MODEL_REPOSITORY
+(model_repository), LOG_DIR (logs: logs and pid files).
+Exit codes: 0 serving (or stopped), 1 the server or the OpenAI API failed to start,
+2 bad usage.
 EOF
 }
 
@@ -37,18 +45,23 @@ cd "$(dirname "$0")"
 HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
+OPENAI_PORT=${OPENAI_PORT:-9000}
 TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.08-vllm-python-py3}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 API_KEY=${TRITON_API_KEY:-}
+OPENAI_KEY=${OPENAI_API_KEY:-}
 CONTAINER=triton-vllm-qwen
-LOG=logs/tritonserver.log
-PID_FILE=logs/tritonserver.pid
+LOG_DIR=${LOG_DIR:-logs}
+LOG=$LOG_DIR/tritonserver.log
+PID_FILE=$LOG_DIR/tritonserver.pid
+OPENAI_PID_FILE=$LOG_DIR/openai.pid
 PY=.venv/bin/python
 
 mode=auto
 host=127.0.0.1
 dry_run=0
 action=start
+openai=1
 prepare_args=()
 
 while [[ $# -gt 0 ]]; do
@@ -58,6 +71,8 @@ while [[ $# -gt 0 ]]; do
     --name) prepare_args+=(--name "${2:?--name needs a value}"); shift ;;
     --public) host=0.0.0.0 ;;
     --api-key) API_KEY=${2:?--api-key needs a value}; shift ;;
+    --no-openai) openai=0 ;;
+    --openai-api-key) OPENAI_KEY=${2:?--openai-api-key needs a value}; shift ;;
     --dry-run) dry_run=1 ;;
     --stop) action=stop ;;
     -h|--help) usage; exit 0 ;;
@@ -77,6 +92,9 @@ have_docker_gpu() {
 }
 
 stop_all() {
+  if [[ -f "$OPENAI_PID_FILE" ]]; then
+    run "$PY" -m serving.openai_api.service stop --pid-file "$OPENAI_PID_FILE"
+  fi
   if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
     [[ -n "$(docker ps -aq --filter "name=^${CONTAINER}$")" ]]; then
     run docker stop --time 40 "$CONTAINER"
@@ -131,7 +149,7 @@ for p in sys.argv[1:]:
     "${mounts[@]}" "$TRITON_IMAGE" \
     tritonserver --model-repository=/models --exit-timeout-secs=30 "${restricted[@]}"
   if [[ $dry_run -eq 0 ]]; then
-    mkdir -p logs
+    mkdir -p "$LOG_DIR"
     (docker logs -f "$CONTAINER" >>"$LOG" 2>&1 &)
     wait_ready
   fi
@@ -142,6 +160,13 @@ start_local() {
     --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --log-file "$LOG" --pid-file "$PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--api-key "$API_KEY"); fi
   run "$PY" -m serving.tritonserver start "${args[@]}"
+}
+
+start_openai() {
+  local args=(--triton-url "127.0.0.1:$GRPC_PORT" --host "$host" --port "$OPENAI_PORT"
+    --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
+  if [[ -n "$API_KEY" ]]; then args+=(--triton-api-key "$API_KEY"); fi
+  OPENAI_API_KEY=$OPENAI_KEY run "$PY" -m serving.openai_api.service start "${args[@]}"
 }
 
 if [[ $action == stop ]]; then
@@ -163,6 +188,7 @@ else
 fi
 ensure_model "${prepare_args[@]}"
 if [[ $mode == docker ]]; then start_docker; else start_local || exit 1; fi
+if [[ $openai -eq 1 ]]; then start_openai || exit 1; fi
 
 if [[ $dry_run -eq 0 ]]; then
   model=$(basename "$(dirname "$(compgen -G "$MODEL_REPOSITORY/*/config.pbtxt" | head -n 1)")")
@@ -171,7 +197,17 @@ Triton is ready ($mode mode). Log: $LOG
   HTTP     http://$host:$HTTP_PORT   (generate: /v2/models/$model/generate)
   gRPC     $host:$GRPC_PORT
   metrics  http://$host:$METRICS_PORT/metrics
+EOF
+  if [[ $openai -eq 1 ]]; then
+    echo "  OpenAI   http://$host:$OPENAI_PORT/v1   (log: $LOG_DIR/openai.log)"
+  fi
+  cat <<EOF
 Try:  curl -X POST localhost:$HTTP_PORT/v2/models/$model/generate -d '{"text_input": "What is Triton?", "parameters": {"max_tokens": 32}}'
+EOF
+  if [[ $openai -eq 1 ]]; then
+    echo "      curl localhost:$OPENAI_PORT/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"$model\", \"prompt\": \"What is Triton?\", \"max_tokens\": 32}'"
+  fi
+  cat <<EOF
 Stop: ./start_triton.sh --stop
 EOF
 fi

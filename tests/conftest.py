@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import DEVICE, DEVICE_FLAGS, MODEL, run_script, start_server
 
+from serving.openai_api.service import TRITON_KEY_HEADER, OpenAIService
+from serving.tritonserver import free_port
+
 
 def pytest_collection_modifyitems(config, items):
     other_device = "cpu" if DEVICE == "gpu" else "gpu"
@@ -48,3 +51,16 @@ def generate_url(server) -> str:
 @pytest.fixture(scope="session")
 def grpc_url(server) -> str:
     return f"{server.host}:{server.grpc_port}"
+
+
+@pytest.fixture(scope="session")
+def openai_service(server, tmp_path_factory):
+    """The OpenAI-compatible service in front of the session's server."""
+    service = OpenAIService(
+        f"{server.host}:{server.grpc_port}",
+        port=free_port(),
+        triton_headers={TRITON_KEY_HEADER: server.api_key},
+        log_file=tmp_path_factory.mktemp("logs") / "openai.log",
+    ).start()
+    yield service
+    service.stop()

@@ -86,11 +86,11 @@ def start_server(repository: Path, log_file: Path, **options) -> LocalServer:
 
 
 def grpc_inputs(prompt, stream, params, **flags) -> list:
-    """The inputs of a gRPC request, as client_grpc.py builds them: text_input (str or bytes),
-    stream, sampling_parameters (JSON) and any other boolean inputs."""
+    """The inputs of a gRPC request: text_input (str or bytes), stream,
+    sampling_parameters (JSON) and any other boolean inputs."""
     import json
 
-    from client_grpc import tensor
+    from serving.triton_inputs import tensor
 
     inputs = [tensor("text_input", prompt), tensor("stream", stream), tensor("sampling_parameters", json.dumps(params))]
     return inputs + [tensor(name, value) for name, value in flags.items()]
@@ -116,3 +116,11 @@ def grpc_stream(url, inputs, timeout_s=120):
     finally:
         client.stop_stream()
         client.close()
+
+
+def engine_core_pids(server) -> list[int]:
+    """The vLLM engine-core processes under a running ``server``."""
+    import psutil
+
+    procs = psutil.Process(server.process.pid).children(recursive=True)
+    return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]

@@ -3,16 +3,18 @@
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
+import openai
 import psutil
 import pytest
 import requests
 from helpers import MODEL, ROOT, run_script, start_server
 
 from serving.client import iter_sse
-from serving.tritonserver import free_port
+from serving.tritonserver import free_port, port_in_use
 
 
 @pytest.mark.slow
@@ -74,3 +76,36 @@ def test_stop_lets_a_stream_in_flight_finish(tiny_repository, tmp_path):
     assert server.process.returncode == 0
     log = (tmp_path / "server.log").read_text()
     assert "shutdown complete" in log
+
+
+def start_script(*args, env, timeout=900):
+    return subprocess.run(
+        ["./start_triton.sh", *args], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("flags, starts_openai", [((), True), (("--no-openai",), False)])
+def test_start_script_starts_the_openai_api_unless_told_not_to(tiny_repository, tmp_path, flags, starts_openai):
+    env = {"MODEL_REPOSITORY": str(tiny_repository), "LOG_DIR": str(tmp_path)}
+    dry = start_script("--mode", "local", "--dry-run", *flags, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert ("serving.openai_api.service start" in dry.stdout) == starts_openai
+
+
+@pytest.mark.slow
+def test_start_script_serves_triton_and_openai_then_stop_ends_both(tiny_repository, tmp_path):
+    ports = {name: free_port() for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "OPENAI_PORT")}
+    env = {**{k: str(v) for k, v in ports.items()}, "MODEL_REPOSITORY": str(tiny_repository), "LOG_DIR": str(tmp_path)}
+    env["OPENAI_API_KEY"] = "sk-local"
+    try:
+        start = start_script("--mode", "local", env=env)
+        assert start.returncode == 0, start.stdout + start.stderr
+        assert f"OpenAI   http://127.0.0.1:{ports['OPENAI_PORT']}/v1" in start.stdout
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['OPENAI_PORT']}/v1", api_key="sk-local", max_retries=0)
+        assert [m.id for m in client.models.list()] == [MODEL]
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        stop = start_script("--stop", env=env, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert not [p for p in ports.values() if port_in_use("127.0.0.1", p)], "a port is still served after --stop"
+    assert not list(tmp_path.glob("*.pid"))

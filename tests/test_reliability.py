@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from helpers import MODEL, grpc_inputs, grpc_stream, metric, metrics, sse_events, wait_for
+from helpers import MODEL, engine_core_pids, grpc_inputs, grpc_stream, metric, metrics, sse_events, wait_for
 from tritonclient.utils import InferenceServerException
 
 from serving.client import iter_sse
@@ -232,11 +232,6 @@ def test_fifty_clients_dropping_mid_stream(server, generate_url, grpc_url):
     assert metric(server, "vllm:generation_tokens_total") - tokens_before < 50 * 1500, "some streams ran to the end"
     ok = requests.post(generate_url, json={"text_input": "Still there?", "parameters": GREEDY}, timeout=60)
     assert ok.status_code == 200
-
-
-def engine_core_pids(server):
-    procs = psutil.Process(server.process.pid).children(recursive=True)
-    return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
 
 
 def test_the_cpu_engine_runs_the_model_without_a_worker_process(server):

@@ -24,6 +24,18 @@ DEFAULT_MAX_RESPONSES_PER_SECOND = 2000
 
 LOG_PREFIX = "[vllm]"  # the model's log lines
 
+# How the model's error messages begin when it cannot serve a request now (UNAVAILABLE:
+# retry later) or failed on its own side (INTERNAL). A gRPC stream's errors carry no
+# status code, so front ends over gRPC (serving/openai_api) tell these from a client's
+# mistake (INVALID_ARG) by these beginnings.
+SHUTTING_DOWN = "the model is shutting down"
+ENGINE_RESTARTING = "the vLLM engine is restarting; retry shortly"
+ENGINE_DIED = "the vLLM engine died; the model restarts it, retry shortly"
+UNAVAILABLE_MESSAGES = (SHUTTING_DOWN, ENGINE_RESTARTING, ENGINE_DIED)
+GENERATION_FAILED = "generation failed"
+UNREADABLE_REQUEST = "the request could not be read"
+INTERNAL_MESSAGES = (GENERATION_FAILED, UNREADABLE_REQUEST)
+
 
 def cpu_engine_environment(engine_args: dict, cpus: int | None = None) -> dict[str, str]:
     """Environment for a vLLM CPU engine started with ``engine_args``; the model applies it before starting one.

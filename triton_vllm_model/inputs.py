@@ -142,7 +142,7 @@ def sampling_params(params, stream):
             raise RequestError("structured output needs vLLM 0.11 or newer")
         try:
             params["structured_outputs"] = StructuredOutputsParams(**structured)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # vLLM's checks raise more than ValueError
             raise RequestError(f"invalid structured output parameters {structured!r}: {exc}") from None
     params.setdefault("max_tokens", None)  # None: up to the context length, not vLLM's 16
     params["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY

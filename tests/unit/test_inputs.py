@@ -70,6 +70,7 @@ def test_right_types_pass(value, hint):
         ({"bogus": True}, "unknown sampling parameter 'bogus' (value True); allowed: "),
         ({"n": "two"}, "sampling parameter 'n' has value 'two'; expected int"),
         ({"structured_outputs": "x"}, "sampling parameter 'structured_outputs' must be an object, got 'x'"),
+        ({"structured_outputs": {"disable_any_whitespace": True}}, "invalid structured output parameters "),
         ({"temperature": -1}, "invalid sampling parameters: "),
     ],
 )

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP API in front of a running Triton server (``python -m serving.openai_api``)."""

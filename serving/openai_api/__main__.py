@@ -1,0 +1,68 @@
+"""Serve the OpenAI-compatible API in front of a running Triton server.
+
+  python -m serving.openai_api                          # Triton's gRPC at 127.0.0.1:8001
+  python -m serving.openai_api --triton-url host:8001 --port 9000 --api-key KEY
+
+Exit codes: 0 stopped cleanly, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import uvicorn
+
+from serving.client import split_option
+from serving.openai_api.app import create_app
+from serving.openai_api.triton import Triton
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.openai_api",
+        description="OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions, /health) "
+        "that forwards every request to Triton over gRPC streaming.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)), help="port (default: OPENAI_PORT or 9000)"
+    )
+    parser.add_argument(
+        "--triton-url",
+        default=f"127.0.0.1:{os.environ.get('GRPC_PORT', 8001)}",
+        help="host:port of Triton's gRPC endpoint (default: 127.0.0.1:GRPC_PORT, GRPC_PORT defaulting to 8001)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: OPENAI_API_KEY; unset: no key)",
+    )
+    parser.add_argument(
+        "--triton-header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="gRPC metadata sent to Triton with every call, e.g. the key of a server started with --api-key: "
+        "triton-grpc-protocol-x-triton-key=KEY (repeatable)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.triton_headers = dict(split_option(h, "--triton-header", "NAME=VALUE") for h in args.triton_header)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    app = create_app(Triton(args.triton_url, args.triton_headers), args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, loop="uvloop", access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Start and stop the OpenAI-compatible service in the background, as start_triton.sh does.
+
+    python -m serving.openai_api.service start --triton-url 127.0.0.1:8001 [--port 9000] [...]
+    python -m serving.openai_api.service stop [--pid-file FILE]
+
+``start`` returns once ``/health`` answers 200 (Triton is ready behind it). Exit codes:
+0 serving (or stopped), 1 the service failed to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from serving.tritonserver import ServerError, port_in_use, stop_process_group, tail
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LOG = ROOT / "logs" / "openai.log"
+DEFAULT_PID_FILE = ROOT / "logs" / "openai.pid"
+# The gRPC metadata that carries the key of a Triton started with --api-key.
+TRITON_KEY_HEADER = "triton-grpc-protocol-x-triton-key"
+
+
+@dataclass
+class OpenAIService:
+    """``python -m serving.openai_api`` as a background process of this Python."""
+
+    triton_url: str
+    host: str = "127.0.0.1"
+    port: int = 9000
+    api_key: str = ""
+    triton_headers: dict[str, str] = field(default_factory=dict)
+    log_file: Path = DEFAULT_LOG
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        return f"http://{host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "serving.openai_api", "--host", self.host, "--port", str(self.port)]
+        cmd += ["--triton-url", self.triton_url]
+        for name, value in self.triton_headers.items():
+            cmd += ["--triton-header", f"{name}={value}"]
+        return cmd
+
+    def start(self, timeout_s: float = 60) -> OpenAIService:
+        if port_in_use(self.host, self.port):
+            raise ServerError(f"port {self.port} on {self.host} is already in use: stop the other service or set OPENAI_PORT")
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": self.api_key}  # the key never shows in ps
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        try:
+            self.wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"the OpenAI service exited with code {self.process.returncode}; {self.log_file}:\n{tail(self.log_file)}"
+                )
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the OpenAI service was not healthy after {timeout_s:.0f} s; see {self.log_file}")
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        code = stop_process_group(self.process.pid, 15)
+        self.process.wait()
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("start", help="start the service in the background and wait until /health answers 200")
+    p.add_argument("--triton-url", required=True, help="host:port of Triton's gRPC endpoint")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
+    p.add_argument("--triton-api-key", default="", help="key of a Triton started with --api-key (for GET /v1/models)")
+    p.add_argument("--log-file", type=Path, default=DEFAULT_LOG, help="service log, appended (default: logs/openai.log)")
+    p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="where to record the pid (default: logs/openai.pid)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for /health (default: %(default)s)")
+    p = sub.add_parser("stop", help="stop the service recorded in the pid file")
+    p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="pid file written by start")
+    args = parser.parse_args(argv)
+
+    if args.command == "stop":
+        try:
+            pid = int(args.pid_file.read_text())
+        except (OSError, ValueError):
+            print(f"no OpenAI service recorded in {args.pid_file}", file=sys.stderr)
+            return 0
+        stop_process_group(pid, 15)
+        args.pid_file.unlink(missing_ok=True)
+        print("OpenAI service stopped", file=sys.stderr)
+        return 0
+
+    headers = {TRITON_KEY_HEADER: args.triton_api_key} if args.triton_api_key else {}
+    service = OpenAIService(
+        args.triton_url, args.host, args.port, os.environ.get("OPENAI_API_KEY", ""), headers, args.log_file.resolve()
+    )
+    try:
+        service.start(args.timeout)
+    except (ServerError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    args.pid_file.write_text(f"{service.process.pid}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
