@@ -8,6 +8,8 @@ temperature 0), a concurrency sweep, the same engine arguments (the model's
   triton-http   our model through Triton's HTTP generate_stream (server-sent events)
   triton-grpc   our model through Triton's gRPC streaming API
   engine        vLLM's AsyncLLMEngine in this process, no server: the floor
+  openai        our model through this project's OpenAI-compatible API
+                (serving/openai_api, in front of Triton), streaming /v1/completions
   vllm-serve    vLLM's OpenAI-compatible server, streaming /v1/completions
 
 Metrics follow `vllm bench serve`: TTFT, TPOT (per request, after the first
@@ -43,9 +45,10 @@ import uvloop  # noqa: E402
 
 from serving.client import DEFAULT_MODEL  # noqa: E402
 from serving.model_config import cpu_engine_environment  # noqa: E402
+from serving.openai_api.service import OpenAIService  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
-TARGETS = ["triton-http", "triton-grpc", "engine", "vllm-serve"]
+TARGETS = ["triton-http", "triton-grpc", "openai", "engine", "vllm-serve"]
 
 
 @dataclass
@@ -312,15 +315,15 @@ def engine_sender(engine, output_len: int):
 
 
 class CpuMeter:
-    """CPU time of the server's process tree and of this process (the client) over one level."""
+    """CPU time of the server's process trees and of this process (the client) over one level."""
 
-    def __init__(self, server_pid: int, client_separate: bool):
-        self.server_pid = server_pid
+    def __init__(self, server_pid: int, client_separate: bool, *more_server_pids: int):
+        self.server_pids = [server_pid, *more_server_pids]
         self.client_separate = client_separate
 
     def read(self) -> tuple[float, float]:
         client = sum(os.times()[:2]) if self.client_separate else 0.0
-        return tree_cpu_s(self.server_pid), client
+        return sum(tree_cpu_s(pid) for pid in self.server_pids), client
 
 
 async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str) -> Row:
@@ -391,7 +394,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
     name = args.name
     info: dict = {}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    if target in ("triton-http", "triton-grpc"):
+    if target in ("triton-http", "triton-grpc", "openai"):
         server = LocalServer.on_free_ports(
             args.model_repository.resolve(),
             venv=args.venv.resolve(),
@@ -407,6 +410,17 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                     url = f"{server.url}/v2/models/{name}/generate_stream"
                     send = triton_http_sender(session, url, args.output_len)
                     rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
+            elif target == "openai":
+                service = OpenAIService(
+                    f"127.0.0.1:{server.grpc_port}", port=free_port(), log_file=args.out_dir.resolve() / "openai.log"
+                ).start()
+                try:
+                    meter = CpuMeter(server.process.pid, True, service.process.pid)
+                    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+                        send = openai_sender(session, f"{service.url}/v1/completions", name, args.output_len)
+                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
+                finally:
+                    service.stop()
             else:
                 send, close = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
                 try:
@@ -483,19 +497,30 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+# What each target through this project is compared with: the bare engine and `vllm serve`;
+# the OpenAI API also with the Triton gRPC path it forwards to.
+BASELINES = {
+    "triton-http": ("engine", "vllm-serve"),
+    "triton-grpc": ("engine", "vllm-serve"),
+    "openai": ("engine", "vllm-serve", "triton-grpc"),
+}
+
+
 def ratios(rows: list[Row]) -> list[dict]:
     by = {(r.target, r.concurrency): r for r in rows}
     out = []
     for r in rows:
-        if not r.target.startswith("triton"):
+        if r.target not in BASELINES:
             continue
         entry = {"target": r.target, "concurrency": r.concurrency}
-        for base in ("engine", "vllm-serve"):
+        for base in BASELINES[r.target]:
             b = by.get((base, r.concurrency))
             if b and b.output_tok_s:
                 entry[f"tok_s_vs_{base}"] = r.output_tok_s / b.output_tok_s
             if b and b.ttft_ms["median"] and r.ttft_ms["median"] is not None:
                 entry[f"ttft_vs_{base}"] = r.ttft_ms["median"] / b.ttft_ms["median"]
+            if b and b.itl_ms["median"] and r.itl_ms["median"] is not None:
+                entry[f"itl_vs_{base}"] = r.itl_ms["median"] / b.itl_ms["median"]
         out.append(entry)
     return out
 

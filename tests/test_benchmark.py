@@ -60,6 +60,16 @@ def test_sender_counts_every_token_and_the_cpu_it_costs(server, protocol):
     assert row.server_cpu_us_per_tok > 0 and row.client_cpu_us_per_tok > 0
 
 
+def test_openai_sender_counts_every_token_through_the_openai_api(server, openai_service):
+    def factory(session):
+        return benchmark.openai_sender(session, f"{openai_service.url}/v1/completions", MODEL, OUTPUT_LEN), lambda: None
+
+    row = measure(server, factory)
+    assert row.failed == 0, row.first_error
+    assert row.output_tok_s * row.duration_s == pytest.approx(8 * OUTPUT_LEN)
+    assert row.ttft_ms["median"] > 0 and row.itl_ms["median"] is not None
+
+
 def test_grpc_sender_reports_the_servers_error(server):
     send, close = benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", "no-such-model", OUTPUT_LEN)
     try:
@@ -74,7 +84,7 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
     done = run_script(
         "benchmarks/benchmark.py",
         "--model-repository", str(tiny_repository),
-        "--targets", "triton-grpc,engine,vllm-serve",  # the HTTP sender is tested above
+        "--targets", "triton-grpc,openai,engine,vllm-serve",  # the HTTP sender is tested above
         "--concurrency", "2",
         "--requests-per-level", "8",
         "--output-len", str(OUTPUT_LEN),
@@ -88,14 +98,15 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     result = json.loads((tmp_path / "benchmark.json").read_text())
     rows = {r["target"]: r for r in result["rows"]}
-    assert sorted(rows) == ["engine", "triton-grpc", "vllm-serve"]
+    assert sorted(rows) == ["engine", "openai", "triton-grpc", "vllm-serve"]
     for row in rows.values():
         assert row["failed"] == 0, row["first_error"]
         assert row["requests"] == 16 and len(row["tok_s_runs"]) == 2
         assert row["output_tok_s"] * row["duration_s"] == pytest.approx(16 * OUTPUT_LEN)
         assert row["server_cpu_us_per_tok"] > 0
     ratios = {r["target"]: r for r in result["ratios"]}
-    assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve"} <= set(ratios["triton-grpc"])
+    assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve", "itl_vs_vllm-serve"} <= set(ratios["triton-grpc"])
+    assert {"tok_s_vs_triton-grpc", "tok_s_vs_vllm-serve"} <= set(ratios["openai"])
     for target, info in result["servers"].items():
         assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000

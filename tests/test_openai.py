@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import requests
-from helpers import MODEL, engine_core_pids, metric, metrics, wait_for
+from helpers import MODEL, engine_core_pids, metric, metrics, run_script, wait_for
 
 from serving.openai_api.service import OpenAIService
 from serving.tritonserver import free_port
@@ -179,6 +180,20 @@ def test_an_unknown_model_is_a_404(client):
     assert "no-such-model" in err.value.message and err.value.body["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
+
+
+def test_vllm_bench_serve_runs_unchanged_against_the_api(openai_service, tiny_repository):
+    done = run_script(
+        "benchmarks/vllm_bench_serve.py",
+        "--backend", "openai", "--base-url", openai_service.url, "--endpoint", "/v1/completions",
+        "--model", MODEL, "--tokenizer", str(tiny_repository / MODEL / "1" / "weights"),
+        "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "8",
+        "--num-prompts", "8", "--max-concurrency", "4", "--ignore-eos",
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"Successful requests:\s+8\b", done.stdout), done.stdout[-2000:]
+    assert re.search(r"Total generated tokens:\s+64\b", done.stdout), done.stdout[-2000:]
 
 
 def test_the_api_key_is_required_when_set(server, tmp_path):

@@ -30,6 +30,7 @@ class ApiError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class JsonSchema(BaseModel):
@@ -67,6 +68,9 @@ class Request(BaseModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        return self.include_usage() and self.stream_options.continuous_usage_stats
 
     def sampling(self, logprobs: int | None) -> dict:
         """The model's ``sampling_parameters``: the fields given, vLLM's extras, structured output."""

@@ -92,6 +92,8 @@ class Choices:
             entry["logprobs"] = self._logprobs(new_logprobs, offset)
             entry["finish_reason"] = choice.finish_reason
             chunks.append({**self._head(kind), "choices": [entry], **usage})
+        if chunks and self.request.continuous_usage():
+            chunks[-1]["usage"] = self.usage()
         return chunks
 
     def usage_chunk(self) -> dict:
