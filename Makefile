@@ -1,4 +1,5 @@
 # make setup   create/refresh .venv (idempotent)
+# make system-packages  the Debian packages the tests use (HAProxy; needs root or sudo)
 # make test    lint, then the whole test suite against a real local server (unit tests included)
 # make test-unit  the unit tests only: the model's logic, no server (tests/unit)
 # make lint    ruff + shellcheck only
@@ -12,26 +13,29 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_TESTS := tests/test_http.py tests/test_grpc.py tests/test_features.py tests/test_model_load.py \
 	tests/test_platform.py tests/test_reliability.py tests/test_clients.py
 
-.PHONY: setup test test-unit test-fast test-gpu test-compat lint clean
+.PHONY: setup system-packages test test-unit test-fast test-gpu test-compat lint clean
 
 setup:
 	scripts/setup.sh
+
+system-packages:
+	scripts/system-packages.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/shellcheck start_triton.sh scripts/*.sh .ci/run
 
-test: lint
+test: lint system-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(PY) -m pytest tests/unit -q
 
-test-fast: lint
+test-fast: lint system-packages
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-gpu: lint
+test-gpu: lint system-packages
 	TEST_DEVICE=gpu $(PY) -m pytest $(PYTEST_ARGS)
 
 test-compat: lint

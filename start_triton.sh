@@ -34,6 +34,7 @@ Options:
   -h, --help     show this help
 
 Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002), OPENAI_PORT (9000),
+OPENAI_WORKERS (1: processes of the OpenAI API; more use more cores under many streams),
 TRITON_IMAGE (docker image), TRITON_API_KEY, OPENAI_API_KEY, MODEL_REPOSITORY
 (model_repository), LOG_DIR (logs: logs and pid files).
 Exit codes: 0 serving (or stopped), 1 the server or the OpenAI API failed to start,
@@ -46,6 +47,7 @@ HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
 OPENAI_PORT=${OPENAI_PORT:-9000}
+OPENAI_WORKERS=${OPENAI_WORKERS:-1}
 TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.08-vllm-python-py3}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 API_KEY=${TRITON_API_KEY:-}
@@ -164,7 +166,7 @@ start_local() {
 
 start_openai() {
   local args=(--triton-url "127.0.0.1:$GRPC_PORT" --host "$host" --port "$OPENAI_PORT"
-    --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
+    --workers "$OPENAI_WORKERS" --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--triton-api-key "$API_KEY"); fi
   OPENAI_API_KEY=$OPENAI_KEY run "$PY" -m serving.openai_api.service start "${args[@]}"
 }

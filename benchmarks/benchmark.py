@@ -412,7 +412,10 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                     rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
             elif target == "openai":
                 service = OpenAIService(
-                    f"127.0.0.1:{server.grpc_port}", port=free_port(), log_file=args.out_dir.resolve() / "openai.log"
+                    f"127.0.0.1:{server.grpc_port}",
+                    port=free_port(),
+                    log_file=args.out_dir.resolve() / "openai.log",
+                    workers=args.openai_workers,
                 ).start()
                 try:
                     meter = CpuMeter(server.process.pid, True, service.process.pid)
@@ -581,6 +584,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--out-dir", type=Path, default=ROOT / "results", help="where JSON, PNG and server logs go (default: %(default)s)"
     )
     p.add_argument("--seed", type=int, default=0, help="prompt generation seed")
+    p.add_argument(
+        "--openai-workers", type=int, default=1, help="processes of the OpenAI API for the openai target (default: %(default)s)"
+    )
     return p.parse_args(argv)
 
 

@@ -9,13 +9,13 @@ Exit codes: 0 stopped cleanly, 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 import uvicorn
 
 from serving.client import split_option
-from serving.openai_api.app import create_app
-from serving.openai_api.triton import Triton
+from serving.openai_api.app import SETTINGS_VARIABLE
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,9 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "triton-grpc-protocol-x-triton-key=KEY (repeatable)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("OPENAI_WORKERS", 1)),
+        help="processes serving the API on the one port; more than one lets it use more CPU cores "
+        "under many streams (default: OPENAI_WORKERS or 1)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     try:
         args.triton_headers = dict(split_option(h, "--triton-header", "NAME=VALUE") for h in args.triton_header)
     except ValueError as exc:
@@ -59,8 +68,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    app = create_app(Triton(args.triton_url, args.triton_headers), args.api_key)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, loop="uvloop", access_log=False)
+    # Each worker process builds its app from these settings (see app.from_environment).
+    os.environ[SETTINGS_VARIABLE] = json.dumps(
+        {"triton_url": args.triton_url, "triton_headers": args.triton_headers, "api_key": args.api_key}
+    )
+    uvicorn.run(
+        "serving.openai_api.app:from_environment",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        loop="uvloop",
+        access_log=False,
+    )
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import time
 import uuid
@@ -22,6 +23,15 @@ from sse_starlette import EventSourceResponse
 from serving.openai_api.protocol import ApiError, ChatRequest, CompletionRequest
 from serving.openai_api.responses import Choices
 from serving.openai_api.triton import Output, Triton
+
+# The settings of ``python -m serving.openai_api``, as JSON, for every worker process.
+SETTINGS_VARIABLE = "OPENAI_API_SETTINGS"
+
+
+def from_environment() -> FastAPI:
+    """The app of one worker process of ``python -m serving.openai_api``."""
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    return create_app(Triton(settings["triton_url"], settings["triton_headers"]), settings["api_key"])
 
 
 def create_app(triton: Triton, api_key: str | None = None) -> FastAPI:

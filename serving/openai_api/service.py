@@ -38,6 +38,7 @@ class OpenAIService:
     api_key: str = ""
     triton_headers: dict[str, str] = field(default_factory=dict)
     log_file: Path = DEFAULT_LOG
+    workers: int = 1
     process: subprocess.Popen | None = None
 
     @property
@@ -47,7 +48,7 @@ class OpenAIService:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "serving.openai_api", "--host", self.host, "--port", str(self.port)]
-        cmd += ["--triton-url", self.triton_url]
+        cmd += ["--triton-url", self.triton_url, "--workers", str(self.workers)]
         for name, value in self.triton_headers.items():
             cmd += ["--triton-header", f"{name}={value}"]
         return cmd
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-url", required=True, help="host:port of Triton's gRPC endpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=9000, help="port (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="processes serving the API (default: %(default)s)")
     p.add_argument("--triton-api-key", default="", help="key of a Triton started with --api-key (for GET /v1/models)")
     p.add_argument("--log-file", type=Path, default=DEFAULT_LOG, help="service log, appended (default: logs/openai.log)")
     p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="where to record the pid (default: logs/openai.pid)")
@@ -125,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
     headers = {TRITON_KEY_HEADER: args.triton_api_key} if args.triton_api_key else {}
     service = OpenAIService(
-        args.triton_url, args.host, args.port, os.environ.get("OPENAI_API_KEY", ""), headers, args.log_file.resolve()
+        args.triton_url,
+        args.host,
+        args.port,
+        os.environ.get("OPENAI_API_KEY", ""),
+        headers,
+        args.log_file.resolve(),
+        args.workers,
     )
     try:
         service.start(args.timeout)
