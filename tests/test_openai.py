@@ -237,6 +237,15 @@ def test_a_client_leaving_a_whole_answer_cancels_it_on_triton(server, openai_ser
     assert wait_for(lambda: idle(server), 2.0), "the engine still works for a client that left"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_prompt_among_several_fails_the_request_and_frees_the_others(server, client, stream):
+    too_long = "word " * 3000  # longer than the tiny model's 2,048-token context
+    with pytest.raises(openai.BadRequestError):
+        out = client.completions.create(model=MODEL, prompt=["Go", too_long], max_tokens=1500, stream=stream, extra_body=LONG)
+        list(out) if stream else None
+    assert wait_for(lambda: idle(server), 2.0), "the good prompt's request still runs after the request failed"
+
+
 def test_32_concurrent_streams_all_complete(client):
     def one(i):
         chunks = client.chat.completions.create(

@@ -135,17 +135,27 @@ async def collect(choices: Choices, runs: list[AsyncIterator[Output]]) -> dict:
         async for output in run:
             choices.add(prompt, output)
 
-    await asyncio.gather(*(one(i, run) for i, run in enumerate(runs)))
+    await all_or_none(one(i, run) for i, run in enumerate(runs))
     return choices.final()
 
 
 async def first_outputs(runs: list[AsyncIterator[Output]]) -> list[Output | None]:
     """Each prompt's first output; on an error every request is cancelled."""
     try:
-        return list(await asyncio.gather(*(anext(run, None) for run in runs)))
+        return await all_or_none(anext(run, None) for run in runs)
     except BaseException:
         await close_all(runs)
         raise
+
+
+async def all_or_none(coroutines) -> list:
+    """The coroutines' results; the first error cancels the others and is raised as it is."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as errors:
+        raise errors.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def close_all(runs: list[AsyncIterator[Output]]) -> None:
