@@ -555,6 +555,12 @@ def plot(rows: list[Row], path: Path) -> bool:
     return True
 
 
+def rotated(targets: list[str], shift: int) -> list[str]:
+    """The targets in the order of round ``shift``: each round starts one target later."""
+    shift %= len(targets)
+    return targets[shift:] + targets[:shift]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -575,7 +581,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="rounds over all targets, each server started afresh, so that a machine's drift reaches every target alike; "
+        help="rounds over all targets, each server started afresh and each round starting one target later, so that a machine's "
+        "drift reaches every target alike; "
         "per level the run with the median output tokens/s is reported, all runs' tokens/s are kept (default: %(default)s)",
     )
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per target, not measured (default: %(default)s)")
@@ -635,7 +642,7 @@ async def main_async(args) -> int:
     servers = {}
     for round_no in range(1, args.repeat + 1):
         rows = []
-        for target in targets:
+        for target in rotated(targets, round_no - 1):
             print(f"[{target}] starting{f' (round {round_no} of {args.repeat})' if args.repeat > 1 else ''} ...", flush=True)
             target_rows, info = await bench_target(target, args, engine_args, levels, prompts_for, progress)
             servers.setdefault(target, info)
@@ -649,7 +656,7 @@ async def main_async(args) -> int:
 
     result = {
         "engine_args": engine_args,
-        "environment": {key: os.environ[key] for key in environment},
+        "environment": {key: os.environ[key] for key in [*environment, "LD_PRELOAD"] if key in os.environ},
         "workload": {"input_len": args.input_len, "output_len": args.output_len, "concurrency": levels_c},
         "servers": servers,
         "rows": [asdict(r) for r in rows],

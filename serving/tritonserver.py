@@ -141,17 +141,8 @@ class LocalServer:
                     f"port {port} on {self.host} is already in use: stop the other server "
                     "(./start_triton.sh --stop) or choose other ports (HTTP_PORT, GRPC_PORT, METRICS_PORT)"
                 )
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         print("starting:", " ".join(self.command()), file=sys.stderr)
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                env=self.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.process = start_logged(self.command(), self.log_file, self.environment())
         try:
             self.wait_ready(timeout_s)
         except BaseException:
@@ -160,17 +151,7 @@ class LocalServer:
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited with code {self.process.returncode} while starting; "
-                    f"last lines of {self.log_file}:\n{tail(self.log_file)}"
-                )
-            if is_ready(self.url):
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"tritonserver was not ready after {timeout_s:.0f} s; see {self.log_file}")
+        wait_until(lambda: is_ready(self.url), self.process, "tritonserver", self.log_file, timeout_s, interval_s=0.5)
 
     def stop(self) -> int | None:
         if self.process is None:
@@ -184,6 +165,48 @@ class LocalServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_logged(command: list[str], log_file: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """Start ``command`` in a session of its own (so that it is stopped as a group),
+    its output appended to ``log_file``."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def wait_until(probe, process: subprocess.Popen, name: str, log_file: Path, timeout_s: float, interval_s: float) -> None:
+    """Poll ``probe()`` until it is true; ServerError if ``process`` exits first, TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerError(
+                f"{name} exited with code {process.returncode} while starting; last lines of {log_file}:\n{tail(log_file)}"
+            )
+        if probe():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"{name} was not ready after {timeout_s:.0f} s; see {log_file}")
+
+
+def stop_recorded(pid_file: Path, timeout_s: float) -> tuple[bool, int | None]:
+    """Stop the process group recorded in ``pid_file`` and remove the file.
+    Returns (whether a pid was recorded, what stop_process_group returned)."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False, None
+    code = stop_process_group(pid, timeout_s)
+    pid_file.unlink(missing_ok=True)
+    return True, code
 
 
 def free_port() -> int:
@@ -322,13 +345,10 @@ def _cli_start(args: argparse.Namespace) -> int:
 
 
 def _cli_stop(args: argparse.Namespace) -> int:
-    try:
-        pid = int(args.pid_file.read_text())
-    except (OSError, ValueError):
+    recorded, code = stop_recorded(args.pid_file, args.timeout)
+    if not recorded:
         print(f"no running local server recorded in {args.pid_file}", file=sys.stderr)
         return 0
-    code = stop_process_group(pid, args.timeout)
-    args.pid_file.unlink(missing_ok=True)
     if code is None:
         print("the local server had already exited", file=sys.stderr)
     elif code == signal.SIGKILL:

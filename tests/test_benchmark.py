@@ -31,6 +31,12 @@ def test_summarize_follows_vllm_bench_definitions():
     assert row.e2e_ms["median"] == pytest.approx(600)
 
 
+def test_each_round_starts_one_target_later():
+    targets = ["a", "b", "c"]
+    orders = [benchmark.rotated(targets, shift) for shift in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
 def measure(server, send_factory, concurrency=4, requests=8):
     async def main():
         async with aiohttp.ClientSession() as session:

@@ -13,13 +13,12 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-from serving.tritonserver import ServerError, port_in_use, stop_process_group, tail
+from serving.tritonserver import ServerError, port_in_use, start_logged, stop_process_group, stop_recorded, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOG = ROOT / "logs" / "openai.log"
@@ -56,18 +55,8 @@ class OpenAIService:
     def start(self, timeout_s: float = 60) -> OpenAIService:
         if port_in_use(self.host, self.port):
             raise ServerError(f"port {self.port} on {self.host} is already in use: stop the other service or set OPENAI_PORT")
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": self.api_key}  # the key never shows in ps
-        with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        self.process = start_logged(self.command(), self.log_file, env, cwd=ROOT)
         try:
             self.wait_healthy(timeout_s)
         except BaseException:
@@ -76,19 +65,13 @@ class OpenAIService:
         return self
 
     def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(
-                    f"the OpenAI service exited with code {self.process.returncode}; {self.log_file}:\n{tail(self.log_file)}"
-                )
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"the OpenAI service was not healthy after {timeout_s:.0f} s; see {self.log_file}")
+        wait_until(self.healthy, self.process, "the OpenAI service", self.log_file, timeout_s, interval_s=0.2)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
 
     def stop(self) -> int | None:
         if self.process is None:
@@ -115,14 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "stop":
-        try:
-            pid = int(args.pid_file.read_text())
-        except (OSError, ValueError):
-            print(f"no OpenAI service recorded in {args.pid_file}", file=sys.stderr)
-            return 0
-        stop_process_group(pid, 15)
-        args.pid_file.unlink(missing_ok=True)
-        print("OpenAI service stopped", file=sys.stderr)
+        recorded, _ = stop_recorded(args.pid_file, 15)
+        print("OpenAI service stopped" if recorded else f"no OpenAI service recorded in {args.pid_file}", file=sys.stderr)
         return 0
 
     headers = {TRITON_KEY_HEADER: args.triton_api_key} if args.triton_api_key else {}
