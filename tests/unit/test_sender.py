@@ -108,3 +108,41 @@ def test_failed_final_send_still_completes_the_request():
     assert job.sender.sent == [(None, FINAL)]  # an empty final response closes it
     assert job.done and finished == [job]
     assert any(level == "error" and "[vllm] sending a response of r failed" in line for level, line in pb_utils.Logger.lines)
+
+
+def test_held_output_wakes_the_sender_only_when_due_before_its_own_wake():
+    sender = budget(10, 100)  # interval 0.05 s
+    now = time.monotonic()
+    sender.wake_at = now + 0.02  # the sender sleeps until then
+    sender.put(new_job(last_sent=now), delta("a"), False)  # due at now + 0.05: it waits
+    assert not sender.wake.is_set()
+    sender.put(new_job(last_sent=now), delta("b"), True)  # a final output goes at once
+    assert sender.wake.is_set()
+    sender.wake.clear()
+    sender.put(new_job(), delta("c"), False)  # a first output goes at once
+    assert sender.wake.is_set()
+    sender.wake.clear()
+    sender.wake_at = float("inf")  # an idle sender wakes for anything
+    sender.put(new_job(last_sent=now), delta("d"), False)
+    assert sender.wake.is_set()
+
+
+def test_sender_thread_sends_held_output_when_due_and_new_streams_at_once():
+    interval = MAX_RESPONSE_INTERVAL_S
+    sender = ResponseSender(lambda: 1, 1 / interval, on_final=lambda job: None)
+    thread = threading.Thread(target=sender.run)
+    thread.start()
+    held = new_job("held", last_sent=time.monotonic())
+    start = time.monotonic()
+    sender.put(held, delta("a"), False)
+    sender.put(held, delta("b"), False)
+    fresh = new_job("fresh")
+    sender.put(fresh, delta("x"), False)
+    deadline = time.monotonic() + 5
+    while not (fresh.sender.sent and held.sender.sent) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sender.stop()
+    thread.join(5)
+    assert texts(fresh) == [([b"x"], 0)] and texts(held) == [([b"ab"], 0)]  # held output merged, sent once due
+    assert fresh.last_sent < held.last_sent  # the new stream did not wait for the held one
+    assert interval * 0.9 <= held.last_sent - start < 1.0  # when due, not only when stopped
