@@ -331,8 +331,16 @@ class TritonPythonModel:
     # -------------------------------------------------------------- responses
 
     def _queue(self, job, payload, final):
-        """payload: a Delta of new output, or a ready error response."""
-        self.responses.put(job, payload, final)
+        """payload: a Delta of new output, or a ready error response.
+
+        Without a budget the event loop sends it at once: no other thread has to win the
+        GIL back from the busy loop for each response, and while a send blocks, vLLM merges
+        the request's next outputs into one.
+        """
+        if self.max_response_rate:
+            self.responses.put(job, payload, final)
+        else:
+            self.responses.send(job, payload, final)
 
     def _fail(self, sender, message, code):
         sender.send(error_response(message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

@@ -70,11 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument(
         "--max-responses-per-second",
         type=float,
-        default=MAX_RESPONSES_PER_SECOND,
         metavar="N",
         help="streamed responses per second shared by the requests in flight: under load each stream's new text "
         "goes out merged, at most every in-flight/N seconds (never more than 50 ms); 0 sends one response "
-        "per engine output (default: %(default)g)",
+        "per engine output, from the engine's event loop (default: "
+        + ", ".join(f"{rate:g} on the {device.upper()}" for device, rate in MAX_RESPONSES_PER_SECOND.items())
+        + ")",
     )
     out.add_argument(
         "--lora",
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="any other vLLM engine argument, VALUE parsed as JSON when it can be (repeatable)",
     )
     args = parser.parse_args(argv)
-    if not args.max_responses_per_second >= 0:
+    if args.max_responses_per_second is not None and not args.max_responses_per_second >= 0:
         parser.error(f"--max-responses-per-second must be 0 or more, got {args.max_responses_per_second:g}")
     return args
 
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         instance_kind=args.instance_kind,
         metrics=not args.no_metrics,
         loras=loras,
-        max_responses_per_second=args.max_responses_per_second,
+        max_responses_per_second=(
+            MAX_RESPONSES_PER_SECOND[device] if args.max_responses_per_second is None else args.max_responses_per_second
+        ),
     )
     print(f"Model '{args.name}' ready in {model_dir} ({device} defaults; engine arguments in {version_dir / 'model.json'}).")
     return 0

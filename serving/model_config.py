@@ -64,15 +64,16 @@ def engine_args(model_path: str, device: str, overrides: dict | None = None) -> 
     return args
 
 
-# The default of prepare_qwen_pt.py --max-responses-per-second (see triton_vllm_model/config.py).
-MAX_RESPONSES_PER_SECOND = DEFAULT_MAX_RESPONSES_PER_SECOND
+# prepare_qwen_pt.py's --max-responses-per-second by device (see docs/streaming.md): on a GPU the
+# event loop sends every output itself (0); on the CPU the budget leaves the cores to the engine.
+MAX_RESPONSES_PER_SECOND = {"gpu": 0, "cpu": DEFAULT_MAX_RESPONSES_PER_SECOND}
 
 
 def config_pbtxt(
     name: str,
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
-    max_responses_per_second: float = MAX_RESPONSES_PER_SECOND,
+    max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
 ) -> str:
     """A few lines: the model fills in its inputs and outputs (auto-complete)."""
     return f"""name: "{name}"
@@ -92,7 +93,7 @@ def write_model(
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
     loras: dict[str, str] | None = None,
-    max_responses_per_second: float = MAX_RESPONSES_PER_SECOND,
+    max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
 ) -> Path:
     """Create or refresh ``repository/name``; weights elsewhere are left untouched.
 

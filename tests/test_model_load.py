@@ -44,6 +44,7 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "gpu-instance", "--instance-kind", "KIND_GPU")
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     prepare(repo, weights, "paced", "--max-responses-per-second", "10")
+    prepare(repo, weights, "direct", "--max-responses-per-second", "0")
     config = prepare(repo, weights, "no-budget") / "config.pbtxt"
     config.write_text(re.sub(r'parameters: \{ key: "MAX_RESPONSES_PER_SECOND".*\n', "", config.read_text()))
     config = prepare(repo, weights, "bad-rate") / "config.pbtxt"
@@ -143,13 +144,43 @@ def test_streams_under_a_response_budget_get_merged_text_at_most_every_interval(
         requests.post(f"{load_server.url}/v2/repository/models/paced/unload", timeout=120)
 
 
+def test_without_a_budget_the_event_loop_sends_every_stream_whole(load_server):
+    """MAX_RESPONSES_PER_SECOND 0: responses leave from the engine's event loop; streams side
+    by side, one of them dropped by its client, each get all their text in order."""
+    assert load(load_server, "direct").status_code == 200
+    try:
+        url = f"{load_server.url}/v2/models/direct/generate"
+        params = json.dumps({"max_tokens": 96, "temperature": 0, "ignore_eos": True})
+        body = {"text_input": "Hello world", "return_num_output_tokens": True, "sampling_parameters": params}
+        dropped = requests.post(url + "_stream", json={**body, "stream": True}, stream=True, timeout=120)
+        assert next(dropped.iter_lines()).startswith(b"data: ")
+        dropped.close()
+
+        def stream(_):
+            return sse_events(requests.post(url + "_stream", json={**body, "stream": True}, timeout=120))
+
+        with ThreadPoolExecutor(4) as pool:
+            streams = list(pool.map(stream, range(4)))
+        whole = requests.post(url, json={**body, "exclude_input_in_output": True}, timeout=120).json()["text_output"]
+        for events in streams:
+            assert sum(e["num_output_tokens"] for e in events) == 96
+            assert "".join(e["text_output"] for e in events) == whole
+        assert any(line.endswith("; MAX_RESPONSES_PER_SECOND 0") for line in log_lines(load_server, "model 'direct' ready"))
+    finally:
+        requests.post(f"{load_server.url}/v2/repository/models/direct/unload", timeout=120)
+
+
+def log_lines(server, text):
+    return [line.rstrip('"') for line in server.log_file.read_text().splitlines() if text in line]
+
+
 def test_a_config_without_a_response_budget_gets_the_default(load_server, repository):
     """A hand-written config.pbtxt may leave MAX_RESPONSES_PER_SECOND out."""
     assert "MAX_RESPONSES_PER_SECOND" not in (repository / "no-budget" / "config.pbtxt").read_text()
     assert load(load_server, "no-budget").status_code == 200
     try:
-        ready = [line for line in load_server.log_file.read_text().splitlines() if "model 'no-budget' ready" in line]
-        assert ready and ready[-1].rstrip('"').endswith("; MAX_RESPONSES_PER_SECOND 2000"), ready
+        ready = log_lines(load_server, "model 'no-budget' ready")
+        assert ready and ready[-1].endswith("; MAX_RESPONSES_PER_SECOND 2000"), ready
         url = f"{load_server.url}/v2/models/no-budget/generate"
         params = json.dumps({"max_tokens": 64, "temperature": 0, "ignore_eos": True})
         body = {"text_input": "Hello world", "exclude_input_in_output": True, "sampling_parameters": params}

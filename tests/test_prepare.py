@@ -53,7 +53,7 @@ def test_gpu_defaults_fit_an_8gb_card(tmp_path):
     assert engine["max_model_len"] == 4096 and engine["enforce_eager"] is False
     assert "distributed_executor_backend" not in engine  # vLLM's own choice on a GPU
     config = (tmp_path / MODEL / "config.pbtxt").read_text()
-    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
+    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "0" }' in config  # the event loop sends
 
 
 def test_the_uni_executor_gets_its_environment_and_leaves_one_cpu_free():

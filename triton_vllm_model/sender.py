@@ -1,8 +1,8 @@
-"""Sending responses: one thread sends them all, under a budget of responses per second."""
+"""Sending responses: one thread sends them all under a budget of responses per second,
+or (budget 0) the event loop sends each output itself as it comes."""
 
-import collections
 import contextlib
-import math
+import queue
 import threading
 import time
 import traceback
@@ -54,27 +54,15 @@ class ResponseSender:
         self.in_flight = in_flight
         self.max_rate = max_rate
         self.on_final = on_final
-        # The event loop appends, the sender thread pops: a deque needs no lock for that.
-        self.responses = collections.deque()
-        self.wake = threading.Event()
-        self.wake_at = math.inf  # monotonic time the sender thread next wakes by itself
+        self.responses = queue.Queue()
 
     def put(self, job, payload, final):
-        """payload: a Delta of new output, or a ready error response.
-
-        Wakes the sender thread only when this output is due before it would wake
-        anyway: under load most outputs wait for their request's interval, and
-        waking a thread for each would cost the event loop the GIL every time.
-        """
-        self.responses.append((job, payload, final))
-        due = 0.0 if final or not isinstance(payload, Delta) else job.last_sent + self.interval_s()
-        if due < self.wake_at:
-            self.wake.set()
+        """payload: a Delta of new output, or a ready error response."""
+        self.responses.put((job, payload, final))
 
     def stop(self):
         """Send what is held, then end ``run``."""
-        self.responses.append(None)
-        self.wake.set()
+        self.responses.put(None)
 
     def run(self):
         """Each response costs a round trip to the server process, so under load a
@@ -83,8 +71,7 @@ class ResponseSender:
         """
         pending = {}  # job -> [[Delta or error response, final], ...] in arrival order
         while True:
-            self.wake.clear()
-            for item in self._take():
+            for item in self._take(self.wait_s(pending)):
                 if item is None:
                     self._send_all(pending)
                     return
@@ -100,12 +87,6 @@ class ResponseSender:
             for job in due:
                 del pending[job]
             self._send_all(due)
-            wait = self.wait_s(pending)
-            # put() reads wake_at after appending, so output that arrives from here on either
-            # sees the new time or is already in the deque when it is checked below.
-            self.wake_at = math.inf if wait is None else time.monotonic() + wait
-            if not self.responses:
-                self.wake.wait(wait)
 
     def interval_s(self):
         """Least time between two responses of one request: the requests in flight
@@ -120,19 +101,25 @@ class ResponseSender:
             return None
         return max(0.0, min(job.last_sent for job in pending) + self.interval_s() - time.monotonic())
 
-    def _take(self):
-        items = []
-        while self.responses:
-            items.append(self.responses.popleft())
-        return items
+    def _take(self, timeout):
+        try:
+            items = [self.responses.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                items.append(self.responses.get_nowait())
+            except queue.Empty:
+                return items
 
     def _send_all(self, pending):
         for job, entries in pending.items():
             for payload, final in entries:
-                self._send(job, payload, final)
+                self.send(job, payload, final)
             job.last_sent = time.monotonic()
 
-    def _send(self, job, payload, final):
+    def send(self, job, payload, final):
+        """Send one response of ``job`` now, from the calling thread."""
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         try:
             sent = response(job, payload) if isinstance(payload, Delta) else payload

@@ -11,9 +11,9 @@ from triton_vllm_model import config
 UNI = {"distributed_executor_backend": "uni"}
 
 
-def test_one_default_response_budget():
-    assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 2000
-    assert model_config.MAX_RESPONSES_PER_SECOND == config.DEFAULT_MAX_RESPONSES_PER_SECOND
+def test_response_budget_defaults():
+    assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 2000  # a config.pbtxt without the parameter
+    assert model_config.MAX_RESPONSES_PER_SECOND == {"gpu": 0, "cpu": config.DEFAULT_MAX_RESPONSES_PER_SECOND}
     assert f"{config.DEFAULT_MAX_RESPONSES_PER_SECOND:g}" == "2000"
 
 
