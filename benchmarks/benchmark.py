@@ -351,13 +351,16 @@ async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter
 
 def median_runs(rounds: list[list[Row]]) -> list[Row]:
     """Per target and level, the run with the median output tokens/s; every run's tokens/s kept."""
-    rows = []
-    for runs in zip(*rounds, strict=True):
-        ordered = sorted(runs, key=lambda r: r.output_tok_s)
-        row = ordered[len(ordered) // 2]
+    runs_of = {}  # (target, concurrency) -> its runs, in the first round's order
+    for rows in rounds:
+        for row in rows:
+            runs_of.setdefault((row.target, row.concurrency), []).append(row)
+    medians = []
+    for runs in runs_of.values():
+        row = sorted(runs, key=lambda r: r.output_tok_s)[len(runs) // 2]
         row.tok_s_runs = [r.output_tok_s for r in runs]
-        rows.append(row)
-    return rows
+        medians.append(row)
+    return medians
 
 
 def vllm_serve_command(python: str, engine_args: dict, port: int, name: str) -> list[str]:

@@ -37,6 +37,15 @@ def test_each_round_starts_one_target_later():
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
 
 
+def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
+    def row(target, tok_s):
+        return benchmark.summarize(target, 2, [benchmark.Sample(ttft=0.1, e2e=0.2, itl=[], output_tokens=tok_s)], 1.0)
+
+    rounds = [[row("a", 10), row("b", 100)], [row("b", 300), row("a", 30)], [row("a", 20), row("b", 200)]]
+    medians = benchmark.median_runs(rounds)
+    assert [(r.target, r.output_tok_s, r.tok_s_runs) for r in medians] == [("a", 20, [10, 30, 20]), ("b", 200, [100, 300, 200])]
+
+
 def measure(server, send_factory, concurrency=4, requests=8):
     async def main():
         async with aiohttp.ClientSession() as session:
