@@ -139,8 +139,7 @@ class TritonPythonModel:
         if hasattr(vllm.envs, "enable_envs_cache"):  # without it, vLLM reads os.environ for every output
             vllm.envs.enable_envs_cache()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self.sender_thread = threading.Thread(target=self.responses.run, name="vllm-send", daemon=True)
-        self.sender_thread.start()
+        self.responses.start()
         self.poller_stop = threading.Event()
         self.poller_thread = threading.Thread(target=self._poll_cancellations, name="vllm-cancel", daemon=True)
         self.poller_thread.start()
@@ -278,22 +277,22 @@ class TritonPythonModel:
                 aborted = out.finished and any(o.finish_reason == "abort" for o in out.outputs)
                 finished = out.finished and not aborted
                 if job.stream:
-                    self._queue(job, delta, final=finished)
+                    self.responses.put(job, delta, final=finished)
             if not finished:
                 raise EngineEndedRequest("the vLLM engine ended the request before it finished")
             if not job.stream:
                 if job.prepend_input:
                     delta.prefix = delta.prompt
-                self._queue(job, delta, final=True)
+                self.responses.put(job, delta, final=True)
         except asyncio.CancelledError:
             self.logger.log_info(f"{LOG_PREFIX} request {job.id} cancelled by the client; aborted in the engine")
-            self._queue(job, error_response("request cancelled by the client", pb_utils.TritonError.CANCELLED), final=True)
+            self.responses.put(job, error_response("request cancelled by the client", pb_utils.TritonError.CANCELLED), final=True)
         except Exception as exc:
             code, message = self._classify(exc)
             self.logger.log_warn(f"{LOG_PREFIX} request {job.id} failed: {message}")
             if code == pb_utils.TritonError.INTERNAL:
                 self.logger.log_error(f"{LOG_PREFIX} {traceback.format_exc()}")
-            self._queue(job, error_response(message, code), final=True)
+            self.responses.put(job, error_response(message, code), final=True)
 
     def _engine_died(self):
         """Replace a dead engine once; requests meanwhile get UNAVAILABLE at once."""
@@ -329,18 +328,6 @@ class TritonPythonModel:
         return pb_utils.TritonError.INTERNAL, f"{GENERATION_FAILED}: {name}: {exc}"
 
     # -------------------------------------------------------------- responses
-
-    def _queue(self, job, payload, final):
-        """payload: a Delta of new output, or a ready error response.
-
-        Without a budget the event loop sends it at once: no other thread has to win the
-        GIL back from the busy loop for each response, and while a send blocks, vLLM merges
-        the request's next outputs into one.
-        """
-        if self.max_response_rate:
-            self.responses.put(job, payload, final)
-        else:
-            self.responses.send(job, payload, final)
 
     def _fail(self, sender, message, code):
         sender.send(error_response(message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -390,7 +377,6 @@ class TritonPythonModel:
         except Exception:
             self.logger.log_warn(f"{LOG_PREFIX} engine shutdown: {traceback.format_exc()}")
         self.responses.stop()
-        self.sender_thread.join(timeout=5)
         if self.metrics:
             self.metrics.close()
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -43,7 +43,8 @@ def closes(entries):
 
 
 class ResponseSender:
-    """Sends from one dedicated thread (``run``) so the engine's event loop never blocks on IPC.
+    """Sends under a budget from one dedicated thread (``run``), so the engine's event loop
+    never blocks on IPC; without a budget the caller of ``put`` sends at once.
 
     in_flight: a function giving the number of requests in flight.
     max_rate: MAX_RESPONSES_PER_SECOND, shared by the requests in flight (0: no budget).
@@ -55,14 +56,31 @@ class ResponseSender:
         self.max_rate = max_rate
         self.on_final = on_final
         self.responses = queue.Queue()
+        self.thread = None
+
+    def start(self):
+        """Start the sending thread; without a budget none is needed."""
+        if self.max_rate:
+            self.thread = threading.Thread(target=self.run, name="vllm-send", daemon=True)
+            self.thread.start()
 
     def put(self, job, payload, final):
-        """payload: a Delta of new output, or a ready error response."""
-        self.responses.put((job, payload, final))
+        """payload: a Delta of new output, or a ready error response.
 
-    def stop(self):
-        """Send what is held, then end ``run``."""
+        Without a budget the calling thread (the engine's event loop) sends it now: no other
+        thread has to win the GIL back from the busy loop for each response, and while a
+        send blocks, vLLM merges the request's next outputs into one.
+        """
+        if self.max_rate:
+            self.responses.put((job, payload, final))
+        else:
+            self.send(job, payload, final)
+
+    def stop(self, timeout_s=5.0):
+        """Send what is held, then end the sending thread."""
         self.responses.put(None)
+        if self.thread is not None:
+            self.thread.join(timeout=timeout_s)
 
     def run(self):
         """Each response costs a round trip to the server process, so under load a

@@ -64,7 +64,6 @@ def create_app(triton: Triton, api_key: str | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         prompts = body.prompts()
         params = body.sampling(body.logprobs)
-        await triton.check_model(body.model)
         choices = Choices("text_completion", f"cmpl-{uuid.uuid4().hex}", body, logprobs_style="completion")
         runs = [
             triton.generate(body.model, f"{choices.id}-{i}", p, None, params, body.stream, body.logprobs is not None)
@@ -77,7 +76,6 @@ def create_app(triton: Triton, api_key: str | None = None) -> FastAPI:
         messages = body.model_messages()
         logprobs = body.requested_logprobs()
         params = body.sampling(logprobs)
-        await triton.check_model(body.model)
         choices = Choices("chat.completion", f"chatcmpl-{uuid.uuid4().hex}", body, logprobs_style="chat")
         runs = [triton.generate(body.model, choices.id, "", messages, params, body.stream, logprobs is not None)]
         return await respond(request, body, choices, runs)

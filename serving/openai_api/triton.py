@@ -30,8 +30,14 @@ class Output:
     num_input_tokens: int
 
 
-def error_for(message: str) -> ApiError:
-    """The status of a model error: a gRPC stream error carries the message only."""
+def not_found(model: str) -> ApiError:
+    return ApiError(404, f"model '{model}' does not exist or is not ready; GET /v1/models lists the models", "model")
+
+
+def error_for(message: str, model: str) -> ApiError:
+    """The status of an error of a request to ``model``: a gRPC stream error carries the message only."""
+    if "unknown model" in message.lower():  # Triton's words for a model it does not serve (or not ready)
+        return not_found(model)
     if message.startswith(UNAVAILABLE_MESSAGES):
         return ApiError(503, message)
     if message.startswith(INTERNAL_MESSAGES):
@@ -98,12 +104,15 @@ class Triton:
                 raise self.unreachable(exc) from None
             ready = False
         if not ready:
-            raise ApiError(404, f"model '{name}' does not exist or is not ready; GET /v1/models lists the models", "model")
+            raise not_found(name)
 
     async def generate(
         self, model: str, request_id: str, prompt: str, messages: list[dict] | None, params: dict, stream: bool, logprobs: bool
     ) -> AsyncIterator[Output]:
-        """The model's responses to one request. Closing the iterator early cancels the request on Triton."""
+        """The model's responses to one request. Closing the iterator early cancels the request on Triton.
+
+        An unknown model comes back as the stream's first error: no readiness call per request.
+        """
         inputs = request_inputs(prompt, messages, stream, params, logprobs)
 
         async def one_request():
@@ -114,7 +123,7 @@ class Triton:
             # Triton ends the stream after the request's last response, since no other request follows.
             async for result, error in responses:
                 if error is not None:
-                    raise error_for(message_of(error))
+                    raise error_for(message_of(error), model)
                 yield output_of(result)
         except grpc.RpcError as exc:
             raise self.unreachable(exc) from None

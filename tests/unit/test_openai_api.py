@@ -94,9 +94,19 @@ def test_unsupported_completion_fields_are_400s(fields, param):
     ],
 )
 def test_model_errors_get_their_status(message, status, param):
-    error = error_for(message)
+    error = error_for(message, "qwen")
     assert (error.status, error.param) == (status, param)
     assert error.body()["error"]["message"] == message
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["Request for unknown model: 'nope' is not found", "Request for unknown model: 'nope' has no available versions"],
+)
+def test_an_unknown_model_is_a_404_naming_it(message):
+    error = error_for(message, "nope")
+    assert (error.status, error.param) == (404, "model")
+    assert "'nope'" in error.body()["error"]["message"]
 
 
 def output(texts, reasons=None, counts=None, logprobs=None, prompt_tokens=3):

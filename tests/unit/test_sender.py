@@ -108,3 +108,26 @@ def test_failed_final_send_still_completes_the_request():
     assert job.sender.sent == [(None, FINAL)]  # an empty final response closes it
     assert job.done and finished == [job]
     assert any(level == "error" and "[vllm] sending a response of r failed" in line for level, line in pb_utils.Logger.lines)
+
+
+def test_without_a_budget_put_sends_at_once_and_no_thread_starts():
+    finished = []
+    sender = ResponseSender(lambda: 1, 0, on_final=finished.append)
+    sender.start()
+    job = new_job()
+    sender.put(job, delta("a"), False)
+    assert texts(job) == [([b"a"], 0)]  # sent by the caller, before any thread ran
+    sender.put(job, delta("b"), True)
+    assert texts(job) == [([b"a"], 0), ([b"b"], FINAL)] and finished == [job]
+    assert sender.thread is None
+    sender.stop()
+
+
+def test_with_a_budget_the_thread_sends_and_stop_ends_it():
+    sender = budget(1, 2000)
+    sender.start()
+    job = new_job()
+    sender.put(job, delta("a"), True)
+    sender.stop()
+    assert not sender.thread.is_alive()
+    assert texts(job) == [([b"a"], FINAL)]
