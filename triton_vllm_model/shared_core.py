@@ -57,6 +57,8 @@ def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive
         if time.monotonic() > deadline:
             break
         time.sleep(POLL_S)
+    else:
+        raise TimeoutError(f"stopped waiting for the engine core's addresses in {path}: the model is unloading")
     raise TimeoutError(
         f"no engine core addresses for instance {index} in {path} after {timeout_s:.0f} s: "
         "instance 0 of the model starts the core; see its log for why it did not"

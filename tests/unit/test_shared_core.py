@@ -54,7 +54,7 @@ def test_no_addresses_in_time_says_where_to_look(tmp_path):
 
 
 def test_an_unloading_instance_stops_waiting(tmp_path):
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match="the model is unloading"):
         read_published(str(tmp_path / "missing.json"), 1, timeout_s=600, alive=lambda: False)
 
 
