@@ -43,6 +43,14 @@ def publish(path, addresses, pids):
     os.replace(partial, path)
 
 
+def publish_failure(path, message):
+    """Tell the waiting instances at once that the core did not start, and why."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+        json.dump({"error": message}, f)
+    os.replace(partial, path)
+
+
 def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive=lambda: True):
     """This instance's (input, output) addresses and the core's process ids, once published and
     different from ``previous`` (after a restart the old core's addresses may still be there)."""
@@ -51,6 +59,8 @@ def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive
         with contextlib.suppress(OSError, ValueError, KeyError, IndexError, TypeError):
             with open(path) as f:
                 published = json.load(f)
+            if "error" in published:
+                raise RuntimeError(f"instance 0 of the model could not start the engine core: {published['error']}")
             found = (published["inputs"][index], published["outputs"][index])
             if found != previous:
                 return found, [int(pid) for pid in published["pids"]]
@@ -145,10 +155,14 @@ class SharedCore:
             self.stop_core()
             try:
                 with launch(vllm_config, self.count, log_stats) as (self.manager, addresses):
-                    pids = [process.pid for process in self.manager.processes]
-                    publish(self.path, addresses, pids)
-            except BaseException:
+                    pass  # leaving waits until the core is up
+                pids = [process.pid for process in self.manager.processes]
+                # Only now: a front end attached to a core that failed would wait for it in vain.
+                publish(self.path, addresses, pids)
+            except BaseException as exc:
                 self.stop_core()
+                with contextlib.suppress(OSError):
+                    publish_failure(self.path, f"{type(exc).__name__}: {exc}")
                 raise
             self.addresses = (addresses.inputs[0], addresses.outputs[0])
         else:

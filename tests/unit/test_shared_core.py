@@ -9,7 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 from triton_vllm_model import shared_core
-from triton_vllm_model.shared_core import addresses_file, instance_index, manager_and_addresses, publish, read_published
+from triton_vllm_model.shared_core import (
+    addresses_file,
+    instance_index,
+    manager_and_addresses,
+    publish,
+    publish_failure,
+    read_published,
+)
 
 
 @pytest.mark.parametrize("name, index", [("qwen2.5-0.5b_0_0", 0), ("qwen2.5-0.5b_0_1", 1), ("m_3_12", 12), ("no-index", 0)])
@@ -51,6 +58,13 @@ def test_after_a_restart_an_instance_waits_for_the_new_core(tmp_path):
 def test_no_addresses_in_time_says_where_to_look(tmp_path):
     with pytest.raises(TimeoutError, match="instance 0 of the model starts the core"):
         read_published(str(tmp_path / "missing.json"), 1, timeout_s=0.3)
+
+
+def test_a_core_that_failed_to_start_fails_the_waiting_instances_at_once(tmp_path):
+    path = str(tmp_path / "core.json")
+    publish_failure(path, "ValueError: not enough memory")
+    with pytest.raises(RuntimeError, match="could not start the engine core: ValueError: not enough memory"):
+        read_published(path, 1, timeout_s=600)
 
 
 def test_an_unloading_instance_stops_waiting(tmp_path):
