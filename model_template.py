@@ -40,7 +40,7 @@ import vllm.envs  # noqa: E402
 from vllm import AsyncLLMEngine  # noqa: E402
 from vllm.usage.usage_lib import UsageContext  # noqa: E402
 
-from triton_vllm_model import loading  # noqa: E402
+from triton_vllm_model import loading, shared_core  # noqa: E402
 from triton_vllm_model.config import (  # noqa: E402
     DEFAULT_MAX_RESPONSES_PER_SECOND,
     ENGINE_ARGS_FILE,
@@ -112,13 +112,17 @@ class TritonPythonModel:
             os.environ.setdefault(key, value)
         self.loras = loading.read_loras(version_dir, engine_config)
         self.engine_args = loading.engine_args(engine_config)
+        self.shared_core = loading.shared_core(args, self.model_config)
 
         self.max_response_rate = loading.config_number(
             self.model_config, MAX_RESPONSES_PER_SECOND, DEFAULT_MAX_RESPONSES_PER_SECOND
         )
         self.metrics = None
         if loading.config_flag(self.model_config, REPORT_CUSTOM_METRICS, default=True) and not self.engine_args.disable_log_stats:
-            self.metrics = Metrics({"model": self.model_name, "version": args["model_version"]})
+            labels = {"model": self.model_name, "version": args["model_version"]}
+            if self.shared_core:  # each instance counts what it served
+                labels["instance"] = str(self.shared_core.index)
+            self.metrics = Metrics(labels)
 
         self.jobs = {}
         self.jobs_lock = threading.Lock()
@@ -146,14 +150,41 @@ class TritonPythonModel:
         self.logger.log_info(
             f"{LOG_PREFIX} model '{self.model_name}' ready on vLLM {vllm.__version__}: {engine_config}; "
             f"MAX_RESPONSES_PER_SECOND {self.max_response_rate:g}"
+            + (
+                f"; instance {self.shared_core.index} of {self.shared_core.count} on one shared engine core"
+                if self.shared_core
+                else ""
+            )
         )
 
     def _new_engine(self):
         loggers = [self.metrics.stat_logger_factory()] if self.metrics else None
         # A server's scheduler defaults (max_num_batched_tokens by GPU), as `vllm serve` gets them.
-        return AsyncLLMEngine.from_engine_args(
-            self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+        if self.shared_core is None:
+            return AsyncLLMEngine.from_engine_args(
+                self.engine_args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+            )
+        vllm_config = self.engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+
+        def front_end(**attach):
+            return AsyncLLMEngine.from_vllm_config(
+                vllm_config,
+                usage_context=UsageContext.OPENAI_API_SERVER,
+                stat_loggers=loggers,
+                enable_log_requests=self.engine_args.enable_log_requests,
+                disable_log_stats=self.engine_args.disable_log_stats,
+                **attach,
+            )
+
+        return self.shared_core.attach(
+            vllm_config, not self.engine_args.disable_log_stats, front_end, lambda: self.accepting, self._core_exited
         )
+
+    def _core_exited(self, engine):
+        """The shared engine core's processes ended: fail this front end's requests, then start over."""
+        with contextlib.suppress(Exception):
+            shared_core.declare_dead(engine)
+        self._engine_died()
 
     async def _start_engine(self):
         return self._new_engine()
@@ -376,6 +407,8 @@ class TritonPythonModel:
             self.engine.shutdown()
         except Exception:
             self.logger.log_warn(f"{LOG_PREFIX} engine shutdown: {traceback.format_exc()}")
+        if self.shared_core is not None:
+            self.shared_core.close()
         self.responses.stop()
         if self.metrics:
             self.metrics.close()

@@ -66,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="KIND_MODEL",
         help="Triton instance kind; KIND_MODEL lets vLLM place itself (default: %(default)s)",
     )
+    out.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Triton instances of the model, each its own Python process, all on one vLLM engine core: more than one "
+        "spreads the serving work over N processes, as `vllm serve --api-server-count N` does (default: %(default)s)",
+    )
     out.add_argument("--no-metrics", action="store_true", help="do not report vLLM metrics on the metrics port")
     out.add_argument(
         "--max-responses-per-second",
@@ -119,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_responses_per_second is not None and not args.max_responses_per_second >= 0:
         parser.error(f"--max-responses-per-second must be 0 or more, got {args.max_responses_per_second:g}")
+    if args.instances < 1:
+        parser.error(f"--instances must be 1 or more, got {args.instances}")
     return args
 
 
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         args.name,
         engine_args(model_path, device, overrides),
         instance_kind=args.instance_kind,
+        instances=args.instances,
         metrics=not args.no_metrics,
         loras=loras,
         max_responses_per_second=(

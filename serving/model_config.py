@@ -74,13 +74,17 @@ def config_pbtxt(
     instance_kind: str = "KIND_MODEL",
     metrics: bool = True,
     max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
+    instances: int = 1,
 ) -> str:
-    """A few lines: the model fills in its inputs and outputs (auto-complete)."""
+    """A few lines: the model fills in its inputs and outputs (auto-complete).
+
+    Several instances share one vLLM engine core, each its own Python process.
+    """
     return f"""name: "{name}"
 backend: "python"
 max_batch_size: 0
 model_transaction_policy {{ decoupled: true }}
-instance_group [{{ count: 1, kind: {instance_kind} }}]
+instance_group [{{ count: {instances}, kind: {instance_kind} }}]
 parameters: {{ key: "{METRICS_PARAMETER}", value: {{ string_value: "{str(metrics).lower()}" }} }}
 parameters: {{ key: "{MAX_RESPONSES_PARAMETER}", value: {{ string_value: "{max_responses_per_second:g}" }} }}
 """
@@ -94,6 +98,7 @@ def write_model(
     metrics: bool = True,
     loras: dict[str, str] | None = None,
     max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
+    instances: int = 1,
 ) -> Path:
     """Create or refresh ``repository/name``; weights elsewhere are left untouched.
 
@@ -107,7 +112,7 @@ def write_model(
     if loras:
         args = {**args, "enable_lora": True}
         lora_file.write_text(json.dumps(loras, indent=2) + "\n")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second, instances))
     (version_dir / ENGINE_ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
     package = version_dir / MODEL_PACKAGE.name

@@ -3,14 +3,17 @@ or config.pbtxt. A server of its own in explicit model-control mode, so that eac
 model loads, or fails to, on request while the others keep serving."""
 
 import json
+import os
 import re
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
-from helpers import DEVICE_FLAGS, MODEL, run_script, sse_events, start_server
+from helpers import DEVICE_FLAGS, MODEL, run_script, sse_events, start_server, wait_for
 
 from serving.tiny_model import make_lora_adapter
 
@@ -45,6 +48,8 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     prepare(repo, weights, "paced", "--max-responses-per-second", "10")
     prepare(repo, weights, "direct", "--max-responses-per-second", "0")
+    prepare(repo, weights, "shared", "--instances", "2")
+    prepare(repo, weights, "shared-no-memory", "--instances", "2", "--gpu-memory-utilization", "0.99")
     config = prepare(repo, weights, "no-budget") / "config.pbtxt"
     config.write_text(re.sub(r'parameters: \{ key: "MAX_RESPONSES_PER_SECOND".*\n', "", config.read_text()))
     config = prepare(repo, weights, "bad-rate") / "config.pbtxt"
@@ -107,6 +112,8 @@ def test_unknown_lora_adapter_is_rejected_with_the_available_names(load_server):
         ("context-too-long", "vLLM engine failed to start with"),
         ("gpu-split", "KIND_GPU"),
         ("bad-rate", "config.pbtxt: parameter MAX_RESPONSES_PER_SECOND must be a number, 0 or more; got 'fast'"),
+        # The shared core cannot start (no machine has 99 % of its memory free): instance 1 stops waiting at once.
+        pytest.param("shared-no-memory", "vLLM engine failed to start with", marks=pytest.mark.cpu),
     ],
 )
 def test_a_model_that_cannot_load_says_why_and_harms_no_other(load_server, name, expected):
@@ -168,6 +175,68 @@ def test_without_a_budget_the_event_loop_sends_every_stream_whole(load_server):
         assert any(line.endswith("; MAX_RESPONSES_PER_SECOND 0") for line in log_lines(load_server, "model 'direct' ready"))
     finally:
         requests.post(f"{load_server.url}/v2/repository/models/direct/unload", timeout=120)
+
+
+def generated_by_instance(server, model):
+    """Tokens each instance of ``model`` generated, by instance, as the metrics port reports them."""
+    text = requests.get(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).text
+    counts = {}
+    for labels, value in re.findall(r"^vllm:generation_tokens_total\{([^}]*)\} (\S+)$", text, re.MULTILINE):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if found.get("model") == model and float(value) > 0:
+            counts[found.get("instance")] = float(value)
+    return counts
+
+
+def engine_cores(server):
+    return {p.pid for p in psutil.Process(server.process.pid).children(recursive=True) if "EngineCor" in p.name()}
+
+
+def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
+    """--instances 2: two model processes on one engine core. Streams through either get their
+    whole text and each instance counts what it served; when the core dies, requests fail at
+    once and a new core serves both instances again."""
+    cores_before = engine_cores(load_server)
+    assert load(load_server, "shared").status_code == 200
+    try:
+        ready = log_lines(load_server, "model 'shared' ready")
+        for index in (0, 1):
+            assert any(line.endswith(f"; instance {index} of 2 on one shared engine core") for line in ready), ready
+        core = engine_cores(load_server) - cores_before
+        assert len(core) == 1, f"engine cores started for the model: {core}"
+
+        url = f"{load_server.url}/v2/models/shared/generate"
+        params = json.dumps({"max_tokens": 48, "temperature": 0, "ignore_eos": True})
+        body = {"text_input": "Hello world", "return_num_output_tokens": True, "sampling_parameters": params}
+
+        def stream(_):
+            return sse_events(requests.post(url + "_stream", json={**body, "stream": True}, timeout=120))
+
+        def serves_whole():
+            with ThreadPoolExecutor(16) as pool:
+                streams = list(pool.map(stream, range(32)))
+            whole = requests.post(url, json={**body, "exclude_input_in_output": True}, timeout=120).json()["text_output"]
+            for events in streams:
+                assert sum(e.get("num_output_tokens", 0) for e in events) == 48, events[-1:]
+                assert "".join(e["text_output"] for e in events) == whole
+
+        serves_whole()
+        assert wait_for(lambda: set(generated_by_instance(load_server, "shared")) == {"0", "1"}, 5), "both instances served"
+
+        os.kill(core.pop(), signal.SIGKILL)
+        killed_at = time.monotonic()
+        answers = [requests.post(url, json=body, timeout=30) for _ in range(4)]  # either instance, at once
+        assert all(r.status_code != 200 and "engine" in r.json()["error"] for r in answers), [r.text for r in answers]
+        assert time.monotonic() - killed_at < 10, "requests waited on the dead core"
+
+        def serving_again():
+            return all(requests.post(url, json=body, timeout=30).status_code == 200 for _ in range(4))
+
+        assert wait_for(serving_again, 90), "not serving again 90 s after the core was killed"
+        serves_whole()
+        assert len(engine_cores(load_server) - cores_before) == 1
+    finally:
+        requests.post(f"{load_server.url}/v2/repository/models/shared/unload", timeout=120)
 
 
 def log_lines(server, text):

@@ -90,3 +90,9 @@ def test_negative_response_budget_is_a_usage_error(tmp_path):
     done = prepare(tmp_path, "--tiny", "--max-responses-per-second", "-5")
     assert done.returncode == 2
     assert "--max-responses-per-second must be 0 or more, got -5" in done.stderr
+
+
+def test_instances_below_one_is_a_usage_error(tmp_path):
+    done = prepare(tmp_path, "--tiny", "--instances", "0")
+    assert done.returncode == 2
+    assert "--instances must be 1 or more, got 0" in done.stderr

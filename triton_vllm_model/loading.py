@@ -1,4 +1,4 @@
-"""What the model reads when it loads: model.json, multi_lora.json, config.pbtxt's parameters."""
+"""What the model reads when it loads: model.json, multi_lora.json, config.pbtxt's parameters and instances."""
 
 import json
 import os
@@ -10,6 +10,7 @@ from vllm import AsyncEngineArgs
 from vllm.lora.request import LoRARequest
 
 from .config import ENGINE_ARGS_FILE, LOG_PREFIX, LORA_FILE
+from .shared_core import SharedCore, addresses_file, instance_index
 
 
 def read_engine_config(version_dir):
@@ -101,3 +102,19 @@ def config_number(model_config, key, default):
     if not number >= 0:
         raise pb_utils.TritonModelException(f"config.pbtxt: parameter {key} must be a number, 0 or more; got {value!r}")
     return number
+
+
+def shared_core(args, model_config):
+    """For a group of several instances, this instance's part in sharing one engine core; None for one."""
+    groups = model_config.get("instance_group", [])
+    count = sum(int(group.get("count", 1)) for group in groups)
+    if count <= 1:
+        return None
+    if len(groups) > 1:
+        raise pb_utils.TritonModelException(
+            f"config.pbtxt has {len(groups)} instance groups; instances share one engine core only within one group: "
+            "use one instance_group with the count you want"
+        )
+    index = instance_index(args["model_instance_name"])
+    path = addresses_file(args["model_name"], args["model_version"], os.getppid())  # the stubs' parent: tritonserver
+    return SharedCore(count, index, path)

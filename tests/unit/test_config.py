@@ -23,6 +23,11 @@ def test_file_and_parameter_names():
     assert 'parameters: { key: "REPORT_CUSTOM_METRICS", value: { string_value: "true" } }' in pbtxt
     assert 'parameters: { key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" } }' in pbtxt
     assert config.REPORT_CUSTOM_METRICS in pbtxt and config.MAX_RESPONSES_PER_SECOND in pbtxt
+    assert "instance_group [{ count: 1, kind: KIND_MODEL }]" in pbtxt
+
+
+def test_several_instances_are_one_group():
+    assert "instance_group [{ count: 4, kind: KIND_MODEL }]" in model_config.config_pbtxt("m", instances=4)
 
 
 @pytest.mark.parametrize(
