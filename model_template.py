@@ -185,6 +185,11 @@ class TritonPythonModel:
         with contextlib.suppress(Exception):
             shared_core.declare_dead(engine)
         self._engine_died()
+        # A request that was just starting as the core died can miss vLLM's own error: fail every one here.
+        with self.jobs_lock:
+            jobs = [j for j in self.jobs.values() if j.task is not None and not j.cancelled]
+        for job in jobs:
+            self.loop.call_soon_threadsafe(job.task.cancel, ENGINE_DIED)
 
     async def _start_engine(self):
         return self._new_engine()
@@ -315,7 +320,11 @@ class TritonPythonModel:
                 if job.prepend_input:
                     delta.prefix = delta.prompt
                 self.responses.put(job, delta, final=True)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            if exc.args == (ENGINE_DIED,):
+                self.logger.log_warn(f"{LOG_PREFIX} request {job.id} failed: {ENGINE_DIED}")
+                self.responses.put(job, error_response(ENGINE_DIED, pb_utils.TritonError.UNAVAILABLE), final=True)
+                return
             self.logger.log_info(f"{LOG_PREFIX} request {job.id} cancelled by the client; aborted in the engine")
             self.responses.put(job, error_response("request cancelled by the client", pb_utils.TritonError.CANCELLED), final=True)
         except Exception as exc:
