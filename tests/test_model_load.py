@@ -223,9 +223,14 @@ def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
         serves_whole()
         assert wait_for(lambda: set(generated_by_instance(load_server, "shared")) == {"0", "1"}, 5), "both instances served"
 
-        os.kill(core.pop(), signal.SIGKILL)
-        killed_at = time.monotonic()
-        answers = [requests.post(url, json=body, timeout=30) for _ in range(4)]  # either instance, at once
+        long_body = {**body, "sampling_parameters": json.dumps({"max_tokens": 1500, "ignore_eos": True})}
+        with ThreadPoolExecutor(8) as pool:  # in flight at the kill, on both instances
+            in_flight = [pool.submit(requests.post, url, json=long_body, timeout=30) for _ in range(8)]
+            time.sleep(1.0)
+            os.kill(core.pop(), signal.SIGKILL)
+            killed_at = time.monotonic()
+            answers = [requests.post(url, json=body, timeout=30) for _ in range(4)]  # either instance, at once
+            answers += [f.result() for f in in_flight]
         assert all(r.status_code != 200 and "engine" in r.json()["error"] for r in answers), [r.text for r in answers]
         assert time.monotonic() - killed_at < 10, "requests waited on the dead core"
 
