@@ -180,16 +180,24 @@ class TritonPythonModel:
             vllm_config, not self.engine_args.disable_log_stats, front_end, lambda: self.accepting, self._core_exited
         )
 
-    def _core_exited(self, engine):
-        """The shared engine core's processes ended: fail this front end's requests, then start over."""
-        with contextlib.suppress(Exception):
-            shared_core.declare_dead(engine)
-        self._engine_died()
+    def _core_exited(self, engine, unloading):
+        """The shared engine core stops: instance 0 unloads the model (this instance goes next),
+        or the core died. Either way this front end's requests fail at once."""
+        if unloading:
+            self.accepting = False
+            reason = SHUTTING_DOWN
+            self.logger.log_info(f"{LOG_PREFIX} instance 0 stops the shared engine core: the model is unloading")
+            self.loop.call_soon_threadsafe(engine.shutdown)
+        else:
+            reason = ENGINE_DIED
+            with contextlib.suppress(Exception):
+                shared_core.declare_dead(engine)
+            self._engine_died()
         # A request that was just starting as the core died can miss vLLM's own error: fail every one here.
         with self.jobs_lock:
             jobs = [j for j in self.jobs.values() if j.task is not None and not j.cancelled]
         for job in jobs:
-            self.loop.call_soon_threadsafe(job.task.cancel, ENGINE_DIED)
+            self.loop.call_soon_threadsafe(job.task.cancel, reason)
 
     async def _start_engine(self):
         return self._new_engine()
@@ -321,9 +329,9 @@ class TritonPythonModel:
                     delta.prefix = delta.prompt
                 self.responses.put(job, delta, final=True)
         except asyncio.CancelledError as exc:
-            if exc.args == (ENGINE_DIED,):
-                self.logger.log_warn(f"{LOG_PREFIX} request {job.id} failed: {ENGINE_DIED}")
-                self.responses.put(job, error_response(ENGINE_DIED, pb_utils.TritonError.UNAVAILABLE), final=True)
+            if exc.args and exc.args[0] in (ENGINE_DIED, SHUTTING_DOWN):
+                self.logger.log_warn(f"{LOG_PREFIX} request {job.id} failed: {exc.args[0]}")
+                self.responses.put(job, error_response(exc.args[0], pb_utils.TritonError.UNAVAILABLE), final=True)
                 return
             self.logger.log_info(f"{LOG_PREFIX} request {job.id} cancelled by the client; aborted in the engine")
             self.responses.put(job, error_response("request cancelled by the client", pb_utils.TritonError.CANCELLED), final=True)

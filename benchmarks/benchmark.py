@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -363,7 +364,7 @@ def median_runs(rounds: list[list[Row]]) -> list[Row]:
     return medians
 
 
-def vllm_serve_command(python: str, engine_args: dict, port: int, name: str) -> list[str]:
+def vllm_serve_command(python: str, engine_args: dict, port: int, name: str, extra: str = "") -> list[str]:
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--served-model-name", name]
     for key, value in engine_args.items():
@@ -374,7 +375,7 @@ def vllm_serve_command(python: str, engine_args: dict, port: int, name: str) -> 
             cmd.append(flag)
         elif value is not False and value is not None:  # False: the CLI's default
             cmd += [flag, str(value)]
-    return cmd
+    return cmd + shlex.split(extra)
 
 
 async def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -458,7 +459,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
     port = free_port()
     log = open(args.out_dir / "vllm-serve.log", "wb")
     proc = subprocess.Popen(
-        vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, name),
+        vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, name, args.vllm_serve_args),
         env={**os.environ, "PYTHONPATH": str(ROOT)},  # the engine arguments' worker extension is in triton_vllm_model
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -596,6 +597,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt generation seed")
     p.add_argument(
         "--openai-workers", type=int, default=1, help="processes of the OpenAI API for the openai target (default: %(default)s)"
+    )
+    p.add_argument(
+        "--vllm-serve-args",
+        default="",
+        help="more arguments for the vllm-serve target, e.g. '--api-server-count 4' (default: none)",
     )
     return p.parse_args(argv)
 

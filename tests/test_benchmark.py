@@ -37,6 +37,15 @@ def test_each_round_starts_one_target_later():
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
 
 
+def test_vllm_serve_gets_the_models_engine_arguments_and_the_extra_ones():
+    engine_args = {"model": "/m", "max_model_len": 512, "enforce_eager": True, "enable_prefix_caching": False}
+    cmd = benchmark.vllm_serve_command("py", engine_args, 8123, "qwen", "--api-server-count 4")
+    assert cmd[cmd.index("--model") + 1] == "/m"
+    assert cmd[cmd.index("--max-model-len") + 1] == "512"
+    assert "--enforce-eager" in cmd and "--enable-prefix-caching" not in cmd
+    assert cmd[-2:] == ["--api-server-count", "4"]
+
+
 def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
     def row(target, tok_s):
         return benchmark.summarize(target, 2, [benchmark.Sample(ttft=0.1, e2e=0.2, itl=[], output_tokens=tok_s)], 1.0)

@@ -240,6 +240,14 @@ def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
         assert wait_for(serving_again, 90), "not serving again 90 s after the core was killed"
         serves_whole()
         assert len(engine_cores(load_server) - cores_before) == 1
+
+        # Unloading stops the core once, quietly: no instance takes it for dead and starts another.
+        died, handler_failures = len(log_lines(load_server, "engine died")), len(log_lines(load_server, "output_handler failed"))
+        assert requests.post(f"{load_server.url}/v2/repository/models/shared/unload", timeout=120).status_code == 200
+        assert wait_for(lambda: log_lines(load_server, "successfully unloaded 'shared'"), 60), "not unloaded in 60 s"
+        assert not engine_cores(load_server) - cores_before
+        assert len(log_lines(load_server, "engine died")) == died
+        assert len(log_lines(load_server, "output_handler failed")) == handler_failures
     finally:
         requests.post(f"{load_server.url}/v2/repository/models/shared/unload", timeout=120)
 

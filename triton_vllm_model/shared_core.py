@@ -21,6 +21,8 @@ import time
 
 ATTACH_TIMEOUT_S = 600.0  # instance 0 may still be loading; the core's own start-up comes after
 POLL_S = 0.2
+WATCH_S = 0.25
+STOP_NOTICE_S = 4 * WATCH_S  # how long the other instances get to close their front ends before the core stops
 
 
 def instance_index(instance_name):
@@ -35,20 +37,36 @@ def addresses_file(model_name, version, server_pid):
     return os.path.join(tempfile.gettempdir(), f"triton-vllm-core-{safe}-{server_pid}.json")
 
 
-def publish(path, addresses, pids):
-    """Write the front ends' addresses and the core's process ids so that no reader sees half of it."""
+def write(path, content):
+    """Replace the addresses file whole, so that no reader sees half of it."""
     partial = f"{path}.{os.getpid()}.tmp"
     with open(partial, "w") as f:
-        json.dump({"inputs": list(addresses.inputs), "outputs": list(addresses.outputs), "pids": pids}, f)
+        json.dump(content, f)
     os.replace(partial, path)
+
+
+def publish(path, addresses, pids):
+    """The front ends' addresses and the core's process ids."""
+    write(path, {"inputs": list(addresses.inputs), "outputs": list(addresses.outputs), "pids": pids})
 
 
 def publish_failure(path, message):
     """Tell the waiting instances at once that the core did not start, and why."""
-    partial = f"{path}.{os.getpid()}.tmp"
-    with open(partial, "w") as f:
-        json.dump({"error": message}, f)
-    os.replace(partial, path)
+    write(path, {"error": message})
+
+
+def publish_stopping(path, pids):
+    """Tell the other instances that the model is unloading and instance 0 stops the core."""
+    write(path, {"stopping": True, "pids": pids})
+
+
+def stopping(path, pids):
+    """Whether instance 0 announced that it stops the core with these process ids."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            published = json.load(f)
+        return published.get("stopping") is True and published.get("pids") == pids
+    return False
 
 
 def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive=lambda: True):
@@ -108,11 +126,15 @@ def running(pid):
         return False
 
 
-def watch(pids, on_exit, stop, interval_s=0.5):
-    """Call ``on_exit`` once any of the core's processes has ended, unless ``stop`` is set first."""
+def watch(pids, on_exit, stop, interval_s=WATCH_S, unloading=lambda: False):
+    """Call ``on_exit(unloading)`` once, unless ``stop`` is set first: with True when instance 0
+    announces that it stops the core, with False when a core process ended unannounced."""
     while not stop.wait(interval_s):
+        if unloading():
+            on_exit(True)
+            return
         if not all(running(pid) for pid in pids):
-            on_exit()
+            on_exit(unloading())
             return
 
 
@@ -142,6 +164,7 @@ class SharedCore:
         self.index = index
         self.path = path
         self.manager = None  # instance 0's engine core processes
+        self.pids = []  # the core's processes
         self.addresses = None  # this instance's (input, output) addresses
         self.watcher_stop = threading.Event()
 
@@ -167,6 +190,7 @@ class SharedCore:
             self.addresses = (addresses.inputs[0], addresses.outputs[0])
         else:
             self.addresses, pids = read_published(self.path, self.index, previous=self.addresses, alive=alive)
+        self.pids = pids
         engine = front_end(
             client_addresses={"input_address": self.addresses[0], "output_address": self.addresses[1]},
             client_count=self.count,
@@ -174,7 +198,11 @@ class SharedCore:
         )
         self.watcher_stop = threading.Event()
         threading.Thread(
-            target=watch, args=(pids, lambda: on_core_exit(engine), self.watcher_stop), name="vllm-core-watch", daemon=True
+            target=watch,
+            args=(pids, lambda unloading: on_core_exit(engine, unloading), self.watcher_stop),
+            kwargs={"unloading": lambda: stopping(self.path, pids)},
+            name="vllm-core-watch",
+            daemon=True,
         ).start()
         return engine
 
@@ -187,6 +215,12 @@ class SharedCore:
 
     def close(self):
         self.watcher_stop.set()
+        if self.manager is not None and self.count > 1:
+            # Triton unloads the instances one by one: the others close their front ends first
+            # instead of finding the core dead and starting a new one.
+            with contextlib.suppress(OSError):
+                publish_stopping(self.path, self.pids)
+            time.sleep(STOP_NOTICE_S)
         self.stop_core()
         if self.index == 0:
             with contextlib.suppress(OSError):

@@ -15,7 +15,9 @@ from triton_vllm_model.shared_core import (
     manager_and_addresses,
     publish,
     publish_failure,
+    publish_stopping,
     read_published,
+    stopping,
 )
 
 
@@ -84,11 +86,11 @@ def test_the_watch_reports_a_core_process_that_ended_once():
     process = subprocess.Popen(["sleep", "30"])
     exits = []
     stop = threading.Event()
-    watcher = threading.Thread(target=shared_core.watch, args=([process.pid], lambda: exits.append(1), stop, 0.05))
+    watcher = threading.Thread(target=shared_core.watch, args=([process.pid], exits.append, stop, 0.05))
     watcher.start()
     process.kill()  # left unreaped: a zombie counts as ended
     watcher.join(5)
-    assert exits == [1] and not watcher.is_alive()
+    assert exits == [False] and not watcher.is_alive()
     process.wait()
 
 
@@ -96,5 +98,49 @@ def test_a_stopped_watch_reports_nothing():
     stop = threading.Event()
     stop.set()
     exits = []
-    shared_core.watch([os.getpid()], lambda: exits.append(1), stop, 0.05)
+    shared_core.watch([os.getpid()], exits.append, stop, 0.05)
     assert exits == []
+
+
+def test_the_watch_reports_an_announced_stop_before_the_core_ends():
+    announced = threading.Event()
+    exits = []
+    watcher = threading.Thread(
+        target=shared_core.watch,
+        args=([os.getpid()], exits.append, threading.Event(), 0.05),
+        kwargs={"unloading": announced.is_set},
+    )
+    watcher.start()
+    announced.set()
+    watcher.join(5)
+    assert exits == [True] and not watcher.is_alive()
+
+
+def test_a_stop_is_announced_for_one_core_only(tmp_path):
+    path = str(tmp_path / "core.json")
+    publish(path, addresses("a"), [11, 12])
+    assert not stopping(path, [11, 12])
+    publish_stopping(path, [11, 12])
+    assert stopping(path, [11, 12])
+    assert not stopping(path, [21, 22])  # a later core's watch
+    assert not stopping(str(tmp_path / "missing.json"), [11, 12])
+
+
+def test_a_stop_announcement_is_no_address_to_attach_to(tmp_path):
+    path = str(tmp_path / "core.json")
+    publish_stopping(path, [11])
+    with pytest.raises(TimeoutError):
+        read_published(path, 1, timeout_s=0.3)
+
+
+def test_instance_0_announces_the_stop_before_it_stops_the_core(tmp_path, monkeypatch):
+    monkeypatch.setattr(shared_core, "STOP_NOTICE_S", 0)
+    path = str(tmp_path / "core.json")
+    seen = []
+    core = shared_core.SharedCore(count=2, index=0, path=path)
+    core.manager = SimpleNamespace(shutdown=lambda: seen.append(stopping(path, [11])))
+    core.pids = [11]
+    publish(path, addresses("a"), [11])
+    core.close()
+    assert seen == [True]  # announced when the core stopped
+    assert not os.path.exists(path)
