@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -225,43 +226,35 @@ def grpc_tokens(response) -> int:
     return 0 if counts is None else int(counts.sum())
 
 
-def triton_grpc_sender(url: str, model: str, output_len: int):
-    """Triton's gRPC streaming API on one shared channel, one stream per request.
+@contextlib.asynccontextmanager
+async def triton_grpc_sender(url: str, model: str, output_len: int):
+    """Triton's gRPC streaming API on one shared asyncio channel, one stream per request.
 
-    Plain gRPC stubs rather than tritonclient's stream wrapper, whose per-stream
-    channel and callback thread cost several times the CPU per response: on a
-    small machine the client's CPU is taken from the server it measures.
+    Plain asyncio gRPC stubs rather than tritonclient's stream wrapper (a channel and a
+    callback thread per stream) or blocking stubs on a thread per stream: both cost more
+    CPU per response, and at one token per response the client becomes the limit it
+    measures; on a small machine its CPU is taken from the server.
     """
-    import concurrent.futures
-
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    channel = grpc.insecure_channel(url)
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=512)
+    async with grpc.aio.insecure_channel(url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
-    def blocking_send(prompt: str) -> Sample:
-        timer = Timer()
-        try:
-            for reply in stub.ModelStreamInfer(iter([grpc_request(model, prompt, output_len)])):
-                if reply.error_message:
-                    return timer.done(reply.error_message)
-                timer.chunk(grpc_tokens(reply.infer_response))
-                if reply.infer_response.parameters["triton_final_response"].bool_param:
-                    break
-        except grpc.RpcError as exc:
-            return timer.done(str(exc))
-        return timer.done()
+        async def send(prompt: str) -> Sample:
+            timer = Timer()
+            try:
+                async for reply in stub.ModelStreamInfer(iter([grpc_request(model, prompt, output_len)])):
+                    if reply.error_message:
+                        return timer.done(reply.error_message)
+                    timer.chunk(grpc_tokens(reply.infer_response))
+                    if reply.infer_response.parameters["triton_final_response"].bool_param:
+                        break
+            except grpc.RpcError as exc:
+                return timer.done(str(exc))
+            return timer.done()
 
-    async def send(prompt: str) -> Sample:
-        return await asyncio.get_running_loop().run_in_executor(pool, blocking_send, prompt)
-
-    def close():
-        pool.shutdown()
-        channel.close()
-
-    return send, close
+        yield send
 
 
 def openai_sender(session: aiohttp.ClientSession, url: str, model: str, output_len: int):
@@ -429,11 +422,8 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                 finally:
                     service.stop()
             else:
-                send, close = triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len)
-                try:
+                async with triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len) as send:
                     rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
-                finally:
-                    close()
             info["rss_mb"] = tree_rss_mb(server.process.pid)
         finally:
             server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -57,14 +58,10 @@ def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
 
 def measure(server, send_factory, concurrency=4, requests=8):
     async def main():
-        async with aiohttp.ClientSession() as session:
-            send, close = send_factory(session)
-            try:
-                meter = benchmark.CpuMeter(server.process.pid, client_separate=True)
-                prompts = [f"prompt number {i} about rivers" for i in range(requests)]
-                return await benchmark.run_measured(send, prompts, concurrency, meter, "t")
-            finally:
-                close()
+        async with aiohttp.ClientSession() as session, send_factory(session) as send:
+            meter = benchmark.CpuMeter(server.process.pid, client_separate=True)
+            prompts = [f"prompt number {i} about rivers" for i in range(requests)]
+            return await benchmark.run_measured(send, prompts, concurrency, meter, "t")
 
     return asyncio.run(main())
 
@@ -75,7 +72,7 @@ def test_sender_counts_every_token_and_the_cpu_it_costs(server, protocol):
         if protocol == "grpc":
             return benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", MODEL, OUTPUT_LEN)
         url = f"{server.url}/v2/models/{MODEL}/generate_stream"
-        return benchmark.triton_http_sender(session, url, OUTPUT_LEN), lambda: None
+        return contextlib.nullcontext(benchmark.triton_http_sender(session, url, OUTPUT_LEN))
 
     row = measure(server, factory)
     assert row.failed == 0, row.first_error
@@ -86,7 +83,7 @@ def test_sender_counts_every_token_and_the_cpu_it_costs(server, protocol):
 
 def test_openai_sender_counts_every_token_through_the_openai_api(server, openai_service):
     def factory(session):
-        return benchmark.openai_sender(session, f"{openai_service.url}/v1/completions", MODEL, OUTPUT_LEN), lambda: None
+        return contextlib.nullcontext(benchmark.openai_sender(session, f"{openai_service.url}/v1/completions", MODEL, OUTPUT_LEN))
 
     row = measure(server, factory)
     assert row.failed == 0, row.first_error
@@ -95,11 +92,11 @@ def test_openai_sender_counts_every_token_through_the_openai_api(server, openai_
 
 
 def test_grpc_sender_reports_the_servers_error(server):
-    send, close = benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", "no-such-model", OUTPUT_LEN)
-    try:
-        sample = asyncio.run(send("hello"))
-    finally:
-        close()
+    async def main():
+        async with benchmark.triton_grpc_sender(f"{server.host}:{server.grpc_port}", "no-such-model", OUTPUT_LEN) as send:
+            return await send("hello")
+
+    sample = asyncio.run(main())
     assert "no-such-model" in sample.error
 
 
