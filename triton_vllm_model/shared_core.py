@@ -60,13 +60,18 @@ def publish_stopping(path, pids):
     write(path, {"stopping": True, "pids": pids})
 
 
-def stopping(path, pids):
-    """Whether instance 0 announced that it stops the core with these process ids."""
+def read(path):
+    """What the addresses file holds; empty while there is no file."""
     with contextlib.suppress(OSError, ValueError):
         with open(path) as f:
-            published = json.load(f)
-        return published.get("stopping") is True and published.get("pids") == pids
-    return False
+            return json.load(f)
+    return {}
+
+
+def stopping(path, pids):
+    """Whether instance 0 announced that it stops the core with these process ids."""
+    published = read(path)
+    return published.get("stopping") is True and published.get("pids") == pids
 
 
 def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive=lambda: True):
@@ -74,9 +79,8 @@ def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive
     different from ``previous`` (after a restart the old core's addresses may still be there)."""
     deadline = time.monotonic() + timeout_s
     while alive():
-        with contextlib.suppress(OSError, ValueError, KeyError, IndexError, TypeError):
-            with open(path) as f:
-                published = json.load(f)
+        with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+            published = read(path)
             if "error" in published:
                 raise RuntimeError(f"instance 0 of the model could not start the engine core: {published['error']}")
             found = (published["inputs"][index], published["outputs"][index])
