@@ -22,6 +22,7 @@ import time
 ATTACH_TIMEOUT_S = 600.0  # instance 0 may still be loading; the core's own start-up comes after
 POLL_S = 0.2
 WATCH_S = 0.25
+CLOCK_SLACK_S = 1.0  # instance 0 may fail just before another instance starts waiting
 STOP_NOTICE_S = 4 * WATCH_S  # how long the other instances get to close their front ends before the core stops
 
 
@@ -35,6 +36,17 @@ def addresses_file(model_name, version, server_pid):
     """Where instance 0 publishes the core's addresses: one file per model version and server."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model_name}-{version}")
     return os.path.join(tempfile.gettempdir(), f"triton-vllm-core-{safe}-{server_pid}.json")
+
+
+def remove_stale(directory=None):
+    """Remove the addresses files of Triton servers that no longer run: a server killed, or a
+    model whose core failed to start (no finalize follows a failed load), leaves its file."""
+    directory = directory or tempfile.gettempdir()
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"triton-vllm-core-.+-(\d+)\.json", name)
+        if match and not running(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
 
 
 def write(path, content):
@@ -52,7 +64,7 @@ def publish(path, addresses, pids):
 
 def publish_failure(path, message):
     """Tell the waiting instances at once that the core did not start, and why."""
-    write(path, {"error": message})
+    write(path, {"error": message, "time": time.time()})
 
 
 def publish_stopping(path, pids):
@@ -76,12 +88,14 @@ def stopping(path, pids):
 
 def read_published(path, index, previous=None, timeout_s=ATTACH_TIMEOUT_S, alive=lambda: True):
     """This instance's (input, output) addresses and the core's process ids, once published and
-    different from ``previous`` (after a restart the old core's addresses may still be there)."""
+    different from ``previous`` (after a restart the old core's addresses may still be there).
+    A failure published before this wait began belongs to an earlier load of the model."""
+    began = time.time()
     deadline = time.monotonic() + timeout_s
     while alive():
         with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
             published = read(path)
-            if "error" in published:
+            if "error" in published and published.get("time", began) >= began - CLOCK_SLACK_S:
                 raise RuntimeError(f"instance 0 of the model could not start the engine core: {published['error']}")
             found = (published["inputs"][index], published["outputs"][index])
             if found != previous:
@@ -180,6 +194,7 @@ class SharedCore:
         self.watcher_stop.set()
         if self.index == 0:
             self.stop_core()
+            remove_stale()
             try:
                 with launch(vllm_config, self.count, log_stats) as (self.manager, addresses):
                     pass  # leaving waits until the core is up

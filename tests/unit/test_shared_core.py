@@ -34,6 +34,19 @@ def test_one_addresses_file_per_model_version_and_server(tmp_path, monkeypatch):
     assert path != addresses_file("qwen/2.5 b", "2", 4242) != addresses_file("qwen/2.5 b", "1", 4243)
 
 
+def test_files_of_servers_that_no_longer_run_are_removed(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"triton-vllm-core-m-1-{gone.pid}.json"
+    live = tmp_path / f"triton-vllm-core-m-1-{os.getpid()}.json"
+    other = tmp_path / f"unrelated-{gone.pid}.json"
+    for path in (stale, live, other):
+        path.write_text("{}")
+    shared_core.remove_stale(str(tmp_path))
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+
+
 def addresses(tag, count=2):
     return SimpleNamespace(
         inputs=[f"ipc://in-{tag}-{i}" for i in range(count)], outputs=[f"ipc://out-{tag}-{i}" for i in range(count)]
@@ -55,6 +68,16 @@ def test_after_a_restart_an_instance_waits_for_the_new_core(tmp_path):
     later = threading.Timer(0.3, publish, (path, addresses("new"), [21]))
     later.start()
     assert read_published(path, 1, previous=old, timeout_s=10) == (("ipc://in-new-1", "ipc://out-new-1"), [21])
+
+
+def test_a_failure_of_an_earlier_load_does_not_fail_the_next_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "core.json")
+    monkeypatch.setattr(shared_core.time, "time", lambda: 1000.0)
+    publish_failure(path, "ValueError: not enough memory")
+    monkeypatch.setattr(shared_core.time, "time", lambda: 1060.0)
+    later = threading.Timer(0.3, publish, (path, addresses("new"), [21]))
+    later.start()
+    assert read_published(path, 1, timeout_s=10) == (("ipc://in-new-1", "ipc://out-new-1"), [21])
 
 
 def test_no_addresses_in_time_says_where_to_look(tmp_path):
