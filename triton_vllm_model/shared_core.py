@@ -24,6 +24,7 @@ POLL_S = 0.2
 WATCH_S = 0.25
 CLOCK_SLACK_S = 1.0  # instance 0 may fail just before another instance starts waiting
 STOP_NOTICE_S = 4 * WATCH_S  # how long the other instances get to close their front ends before the core stops
+FILE_PREFIX = "triton-vllm-core-"
 
 
 def instance_index(instance_name):
@@ -35,7 +36,7 @@ def instance_index(instance_name):
 def addresses_file(model_name, version, server_pid):
     """Where instance 0 publishes the core's addresses: one file per model version and server."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{model_name}-{version}")
-    return os.path.join(tempfile.gettempdir(), f"triton-vllm-core-{safe}-{server_pid}.json")
+    return os.path.join(tempfile.gettempdir(), f"{FILE_PREFIX}{safe}-{server_pid}.json")
 
 
 def remove_stale(directory=None):
@@ -43,7 +44,7 @@ def remove_stale(directory=None):
     model whose core failed to start (no finalize follows a failed load), leaves its file."""
     directory = directory or tempfile.gettempdir()
     for name in os.listdir(directory):
-        match = re.fullmatch(r"triton-vllm-core-.+-(\d+)\.json", name)
+        match = re.fullmatch(re.escape(FILE_PREFIX) + r".+-(\d+)\.json", name)
         if match and not running(int(match.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(directory, name))
@@ -189,8 +190,9 @@ class SharedCore:
     def attach(self, vllm_config, log_stats, front_end, alive, on_core_exit):
         """A new front end on the core; instance 0 first starts a new core (at load and after
         the core died). ``front_end(**attach_kwargs)`` makes the AsyncLLM; ``alive()`` is
-        false once the model is unloading; ``on_core_exit(engine)`` runs once the core's
-        processes end."""
+        false once the model is unloading; ``on_core_exit(engine, unloading)`` runs once
+        instance 0 announces that it stops the core (unloading True) or the core's processes
+        end unannounced (False)."""
         self.watcher_stop.set()
         if self.index == 0:
             self.stop_core()
@@ -234,7 +236,7 @@ class SharedCore:
 
     def close(self):
         self.watcher_stop.set()
-        if self.manager is not None and self.count > 1:
+        if self.manager is not None:
             # Triton unloads the instances one by one: the others close their front ends first
             # instead of finding the core dead and starting a new one.
             with contextlib.suppress(OSError):
