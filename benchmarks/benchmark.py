@@ -14,8 +14,10 @@ temperature 0), a concurrency sweep, the same engine arguments (the model's
 
 Metrics follow `vllm bench serve`: TTFT, TPOT (per request, after the first
 token), ITL (gaps between streamed chunks), end-to-end latency (median, p99),
-output tokens/s and requests/s; plus each server's start-up time to ready and
-resident memory. Prints a table, writes results/benchmark.json and, when
+output tokens/s and requests/s; the engine's own mean TPOT, from vLLM's metrics
+(taken from the engine core's timestamps, so it tells the engine's pace apart
+from the delivery's); plus each server's start-up time to ready and resident
+memory. Prints a table, writes results/benchmark.json and, when
 matplotlib is installed, results/benchmark.png.
 
   .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
@@ -43,7 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
+import prometheus_client  # noqa: E402
 import uvloop  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from serving.client import DEFAULT_MODEL  # noqa: E402
 from serving.model_config import cpu_engine_environment  # noqa: E402
@@ -78,6 +82,7 @@ class Row:
     first_error: str | None = None
     server_cpu_us_per_tok: float | None = None
     client_cpu_us_per_tok: float | None = None
+    engine_tpot_ms: float | None = None
     tok_s_runs: list[float] = field(default_factory=list)
 
 
@@ -320,24 +325,63 @@ class CpuMeter:
         return sum(tree_cpu_s(pid) for pid in self.server_pids), client
 
 
-async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str) -> Row:
+# vLLM's histogram of each request's time per output token, then the model's older name for it.
+ENGINE_TPOT_METRICS = ("vllm:request_time_per_output_token_seconds", "vllm:time_per_output_token_seconds")
+
+
+def engine_tpot_totals(families) -> tuple[float, float] | None:
+    """(seconds, requests) of the first ENGINE_TPOT_METRICS histogram present, summed over its label sets."""
+    totals: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    for name in ENGINE_TPOT_METRICS:
+        if name + "_count" in totals:
+            return totals[name + "_sum"], totals[name + "_count"]
+    return None
+
+
+def metrics_page_tpot(url: str, settle_s: float = 0.0):
+    """Reads the engine's TPOT totals from a Prometheus page, after settle_s for the server to publish."""
+
+    async def read() -> tuple[float, float] | None:
+        await asyncio.sleep(settle_s)
+        try:
+            async with aiohttp.ClientSession() as session, session.get(url) as resp:
+                text = await resp.text()
+            return engine_tpot_totals(text_string_to_metric_families(text))
+        except (aiohttp.ClientError, ValueError):
+            return None
+
+    return read
+
+
+async def in_process_tpot() -> tuple[float, float] | None:
+    return engine_tpot_totals(prometheus_client.REGISTRY.collect())
+
+
+async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str, engine_tpot=None) -> Row:
+    tpot0 = await engine_tpot() if engine_tpot else None
     server0, client0 = meter.read()
     samples, duration = await run_level(send, prompts, concurrency)
     server1, client1 = meter.read()
+    tpot1 = await engine_tpot() if engine_tpot else None
     row = summarize(name, concurrency, samples, duration)
     tokens = sum(s.output_tokens for s in samples if s.error is None)
     if tokens:
         row.server_cpu_us_per_tok = (server1 - server0) / tokens * 1e6
         row.client_cpu_us_per_tok = (client1 - client0) / tokens * 1e6 if meter.client_separate else None
+    if tpot0 and tpot1 and tpot1[1] > tpot0[1]:
+        row.engine_tpot_ms = (tpot1[0] - tpot0[0]) / (tpot1[1] - tpot0[1]) * 1000
     return row
 
 
-async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter) -> list[Row]:
+async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter, engine_tpot=None) -> list[Row]:
     """One run of each level, after the warm-up."""
     rows = []
     await run_level(send, prompts_for(args.warmup), min(args.warmup, 4))
     for concurrency, prompts in levels:
-        row = await run_measured(send, prompts, concurrency, meter, name)
+        row = await run_measured(send, prompts, concurrency, meter, name, engine_tpot)
         progress(row)
         rows.append(row)
     return rows
@@ -401,12 +445,14 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         server.start(timeout_s=900)
         info["startup_s"] = time.perf_counter() - start
         meter = CpuMeter(server.process.pid, client_separate=True)
+        # The model publishes its metrics every quarter second.
+        engine_tpot = metrics_page_tpot(f"http://127.0.0.1:{server.metrics_port}/metrics", settle_s=0.6)
         try:
             if target == "triton-http":
                 async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                     url = f"{server.url}/v2/models/{name}/generate_stream"
                     send = triton_http_sender(session, url, args.output_len)
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
             elif target == "openai":
                 service = OpenAIService(
                     f"127.0.0.1:{server.grpc_port}",
@@ -418,12 +464,12 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                     meter = CpuMeter(server.process.pid, True, service.process.pid)
                     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                         send = openai_sender(session, f"{service.url}/v1/completions", name, args.output_len)
-                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
+                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
                 finally:
                     service.stop()
             else:
                 async with triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len) as send:
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
             info["rss_mb"] = tree_rss_mb(server.process.pid)
         finally:
             server.stop()
@@ -436,14 +482,15 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         # The server defaults the model and `vllm serve` get (max_num_batched_tokens by GPU).
         engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args), usage_context=UsageContext.OPENAI_API_SERVER)
         info["startup_s"] = time.perf_counter() - start
+        send = engine_sender(engine, args.output_len)
         try:
             meter = CpuMeter(os.getpid(), client_separate=False)
-            rows = await sweep(target, engine_sender(engine, args.output_len), prompts_for, levels, args, progress, meter)
+            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, in_process_tpot)
             info["rss_mb"] = tree_rss_mb(os.getpid())
         finally:
             engine.shutdown()
             # Collected at interpreter exit instead, its __del__ fails with a traceback.
-            del engine
+            del engine, send
             gc.collect()
         return rows, info
     port = free_port()
@@ -461,7 +508,9 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         info["startup_s"] = time.perf_counter() - start
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             send = openai_sender(session, f"http://127.0.0.1:{port}/v1/completions", name, args.output_len)
-            rows = await sweep(target, send, prompts_for, levels, args, progress, CpuMeter(proc.pid, client_separate=True))
+            meter = CpuMeter(proc.pid, client_separate=True)
+            engine_tpot = metrics_page_tpot(f"http://127.0.0.1:{port}/metrics")
+            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
         info["rss_mb"] = tree_rss_mb(proc.pid)
     finally:
         stop_process_group(proc.pid, 60)
@@ -475,7 +524,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
 def table(rows: list[Row]) -> str:
     head = (
         f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} "
-        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10}"
+        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10} {'eng TPOT':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -489,7 +538,8 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"{r.target:<12} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} {r.output_tok_s:>10.1f} {r.req_s:>7.2f} "
             f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8} "
-            f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10}"
+            f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10} "
+            f"{f'{r.engine_tpot_ms:.1f}' if r.engine_tpot_ms is not None else '-':>8}"
         )
     return "\n".join(lines)
 

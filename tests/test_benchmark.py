@@ -11,6 +11,7 @@ import sys
 import aiohttp
 import pytest
 from helpers import DEVICE, MODEL, ROOT, run_script
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import benchmark  # noqa: E402
@@ -54,6 +55,26 @@ def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
     rounds = [[row("a", 10), row("b", 100)], [row("b", 300), row("a", 30)], [row("a", 20), row("b", 200)]]
     medians = benchmark.median_runs(rounds)
     assert [(r.target, r.output_tok_s, r.tok_s_runs) for r in medians] == [("a", 20, [10, 30, 20]), ("b", 200, [100, 300, 200])]
+
+
+def test_engine_tpot_sums_every_label_set_and_prefers_vllms_name():
+    page = """# TYPE vllm:time_per_output_token_seconds histogram
+vllm:time_per_output_token_seconds_bucket{instance="0",le="+Inf"} 3
+vllm:time_per_output_token_seconds_sum{instance="0"} 0.03
+vllm:time_per_output_token_seconds_count{instance="0"} 3
+vllm:time_per_output_token_seconds_bucket{instance="1",le="+Inf"} 1
+vllm:time_per_output_token_seconds_sum{instance="1"} 0.05
+vllm:time_per_output_token_seconds_count{instance="1"} 1
+"""
+    families = list(text_string_to_metric_families(page))
+    assert benchmark.engine_tpot_totals(families) == pytest.approx((0.08, 4))
+    newer = """# TYPE vllm:request_time_per_output_token_seconds histogram
+vllm:request_time_per_output_token_seconds_sum{engine="0"} 0.5
+vllm:request_time_per_output_token_seconds_count{engine="0"} 10
+"""
+    families += list(text_string_to_metric_families(newer))
+    assert benchmark.engine_tpot_totals(families) == pytest.approx((0.5, 10))
+    assert benchmark.engine_tpot_totals(text_string_to_metric_families("# nothing\n")) is None
 
 
 def measure(server, send_factory, concurrency=4, requests=8):
@@ -125,13 +146,15 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
         assert row["requests"] == 16 and len(row["tok_s_runs"]) == 2
         assert row["output_tok_s"] * row["duration_s"] == pytest.approx(16 * OUTPUT_LEN)
         assert row["server_cpu_us_per_tok"] > 0
+        # the engine's own time per token, read from its metrics: present, and shorter than a whole request
+        assert 0 < row["engine_tpot_ms"] < row["e2e_ms"]["median"], row["target"]
     ratios = {r["target"]: r for r in result["ratios"]}
     assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve", "itl_vs_vllm-serve"} <= set(ratios["triton-grpc"])
     assert {"tok_s_vs_triton-grpc", "tok_s_vs_vllm-serve"} <= set(ratios["openai"])
     for target, info in result["servers"].items():
         assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
-    assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout
+    assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout and "eng TPOT" in done.stdout
     if DEVICE == "cpu":  # every target's engine process asked for AMX, as the model's does
         assert "AMX tile permission" in done.stdout + done.stderr
         assert "AMX tile permission" in (tmp_path / "vllm-serve.log").read_text()
