@@ -129,6 +129,9 @@ wait_ready() {
   done
 }
 
+# As in serving/tritonserver.py: the model's strings need none of them, and they slowed the engine.
+UNUSED_GPU_FEATURES_OFF=(--allow-gpu-metrics=false --pinned-memory-pool-byte-size=0 --cuda-memory-pool-byte-size=0:0)
+
 start_docker() {
   local repo model
   repo=$(cd "$MODEL_REPOSITORY" && pwd)
@@ -149,7 +152,7 @@ for p in sys.argv[1:]:
     --shm-size=2g --ulimit memlock=-1 --ulimit stack=67108864 \
     -p "$host:$HTTP_PORT:8000" -p "$host:$GRPC_PORT:8001" -p "$host:$METRICS_PORT:8002" \
     "${mounts[@]}" "$TRITON_IMAGE" \
-    tritonserver --model-repository=/models --exit-timeout-secs=30 "${restricted[@]}"
+    tritonserver --model-repository=/models --exit-timeout-secs=30 "${restricted[@]}" "${UNUSED_GPU_FEATURES_OFF[@]}"
   if [[ $dry_run -eq 0 ]]; then
     mkdir -p "$LOG_DIR"
     (docker logs -f "$CONTAINER" >>"$LOG" 2>&1 &)

@@ -34,6 +34,10 @@ DEFAULT_LOG = PROJECT_ROOT / "logs" / "tritonserver.log"
 DEFAULT_PID_FILE = PROJECT_ROOT / "logs" / "tritonserver.pid"
 WHEEL_PREFIX = "pytriton/tritonserver/"
 WHEEL_LIBS = "nvidia_pytriton.libs/"
+# The model's tensors are strings in CPU memory, so Triton's pinned and CUDA memory pools go unused;
+# with them and Triton's GPU metrics on, the engine core stepped slower on a GPU (docs/benchmarks.md).
+# start_triton.sh's Docker mode and deploy/ pass the same flags.
+UNUSED_GPU_FEATURES_OFF = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0")
 
 
 class ServerError(RuntimeError):
@@ -115,6 +119,7 @@ class LocalServer:
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
+            *UNUSED_GPU_FEATURES_OFF,
         ]
         if self.api_key:
             restricted = f"model-repository,shared-memory,trace,logging:x-triton-key={self.api_key}"

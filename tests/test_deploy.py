@@ -8,6 +8,7 @@ and the autoscalers are looked up in a running server's /metrics.
 
 import importlib.resources
 import json
+import os
 import re
 import shlex
 import shutil
@@ -25,6 +26,7 @@ from helpers import MODEL, ROOT, SERVER_VENV, metrics, wait_for
 
 import prepare_qwen_pt
 from serving.openai_api.__main__ import parse_args as openai_args
+from serving.tritonserver import UNUSED_GPU_FEATURES_OFF, LocalServer
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -210,6 +212,23 @@ def test_commands_take_these_flags(rendered):
     for command in (container(triton, "triton")["command"], compose()["services"]["triton"]["command"]):
         assert command[0] == "tritonserver" and "--model-repository=/models" in command
         assert {a.split("=")[0] for a in command[1:]} <= known
+
+
+def test_every_way_of_starting_triton_turns_off_the_gpu_features_the_model_does_not_use(rendered, tmp_path):
+    env = {**os.environ, "MODEL_REPOSITORY": str(tmp_path), "LOG_DIR": str(tmp_path)}
+    dry = subprocess.run(
+        ["./start_triton.sh", "--mode", "docker", "--dry-run", "--no-openai"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert dry.returncode == 0, dry.stderr
+    (docker_run,) = [line for line in dry.stdout.splitlines() if line.startswith("+ docker run")]
+    commands = {
+        "local": LocalServer(model_repository=tmp_path).command(),
+        "docker": shlex.split(docker_run),
+        "kubernetes": container(find(rendered, "Deployment", "triton"), "triton")["command"],
+        "compose": compose()["services"]["triton"]["command"],
+    }
+    for where, command in commands.items():
+        assert set(UNUSED_GPU_FEATURES_OFF) <= set(command), where
 
 
 def test_prometheus_adapter_feeds_the_hpa(rendered):
