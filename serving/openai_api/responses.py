@@ -48,7 +48,10 @@ class Choices:
             choice.tokens += output.num_output_tokens[seq]
             choice.logprobs += new_logprobs
             choice.finish_reason = output.finish_reasons[seq] or choice.finish_reason
-            if text or new_logprobs or output.finish_reasons[seq]:
+            # A new token whose text the detokenizer still holds back (part of a UTF-8
+            # character) gets its chunk too, with empty text, as vLLM's server sends it:
+            # clients time the first token and count usage from it.
+            if text or new_logprobs or output.num_output_tokens[seq] or output.finish_reasons[seq]:
                 touched.append((index, choice, text, new_logprobs))
         return touched
 

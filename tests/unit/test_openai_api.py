@@ -152,6 +152,14 @@ def test_continuous_usage_stats_put_the_running_usage_in_every_chunk():
     assert choices.chunks(0, output(["b"], counts=[3]))[0]["usage"]["completion_tokens"] == 5
 
 
+def test_a_token_whose_text_is_held_back_still_gets_its_chunk_and_usage():
+    request = completion(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    choices = Choices("text_completion", "cmpl-1", request, "completion")
+    first = choices.chunks(0, output([""], counts=[1]))  # the first byte of a two-byte character
+    second = choices.chunks(0, output(["é"], counts=[1]))
+    assert [(c["choices"][0]["text"], c["usage"]["completion_tokens"]) for c in first + second] == [("", 1), ("é", 2)]
+
+
 def test_a_choice_with_nothing_new_sends_no_chunk():
     choices = Choices("text_completion", "cmpl-1", completion(n=2, stream=True), "completion")
     chunks = choices.chunks(0, output(["x", ""], counts=[1, 0]))
