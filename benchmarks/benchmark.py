@@ -16,7 +16,8 @@ Metrics follow `vllm bench serve`: TTFT, TPOT (per request, after the first
 token), ITL (gaps between streamed chunks), end-to-end latency (median, p99),
 output tokens/s and requests/s; the engine's own mean TPOT, from vLLM's metrics
 (taken from the engine core's timestamps, so it tells the engine's pace apart
-from the delivery's); plus each server's start-up time to ready and resident
+from the delivery's) and its steps per level, with the share that ran a prefill
+beside the decodes (a step with more tokens than streams); plus each server's start-up time to ready and resident
 memory. Prints a table, writes results/benchmark.json and, when
 matplotlib is installed, results/benchmark.png.
 
@@ -31,6 +32,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import shlex
@@ -83,6 +85,8 @@ class Row:
     server_cpu_us_per_tok: float | None = None
     client_cpu_us_per_tok: float | None = None
     engine_tpot_ms: float | None = None
+    engine_steps: int | None = None
+    engine_prefill_steps: int | None = None
     tok_s_runs: list[float] = field(default_factory=list)
 
 
@@ -327,61 +331,87 @@ class CpuMeter:
 
 # vLLM's histogram of each request's time per output token, then the model's older name for it.
 ENGINE_TPOT_METRICS = ("vllm:request_time_per_output_token_seconds", "vllm:time_per_output_token_seconds")
+# vLLM's histogram of the tokens of each engine step (prefill and decode together).
+STEP_TOKENS_METRIC = "vllm:iteration_tokens_total"
 
 
-def engine_tpot_totals(families) -> tuple[float, float] | None:
-    """(seconds, requests) of the first ENGINE_TPOT_METRICS histogram present, summed over its label sets."""
-    totals: dict[str, float] = {}
+def metric_totals(families) -> dict[tuple[str, float | None], float]:
+    """Every sample's value summed over its label sets, by sample name and histogram bound."""
+    totals: dict[tuple[str, float | None], float] = {}
     for family in families:
         for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            le = sample.labels.get("le")
+            key = (sample.name, float(le) if le is not None else None)
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def engine_tpot_totals(totals: dict) -> tuple[float, float] | None:
+    """(seconds, requests) of the first ENGINE_TPOT_METRICS histogram present."""
     for name in ENGINE_TPOT_METRICS:
-        if name + "_count" in totals:
-            return totals[name + "_sum"], totals[name + "_count"]
+        if (name + "_count", None) in totals:
+            return totals[(name + "_sum", None)], totals[(name + "_count", None)]
     return None
 
 
-def metrics_page_tpot(url: str, settle_s: float = 0.0):
-    """Reads the engine's TPOT totals from a Prometheus page, after settle_s for the server to publish."""
+def engine_steps(before: dict, after: dict, concurrency: int) -> tuple[int, int] | None:
+    """Engine steps between two readings, and how many of them carried more tokens than
+    there are streams: those ran a prompt's prefill beside the decodes."""
+    count = (STEP_TOKENS_METRIC + "_count", None)
+    bounds = sorted(le for name, le in after if name == STEP_TOKENS_METRIC + "_bucket" and concurrency <= le < math.inf)
+    if count not in before or count not in after or not bounds:
+        return None
+    within = (STEP_TOKENS_METRIC + "_bucket", bounds[0])
+    steps = after[count] - before[count]
+    return int(steps), int(steps - (after[within] - before.get(within, 0.0)))
 
-    async def read() -> tuple[float, float] | None:
+
+def metrics_page_totals(url: str, settle_s: float = 0.0):
+    """Reads the metric totals from a Prometheus page, after settle_s for the server to publish."""
+
+    async def read() -> dict | None:
         await asyncio.sleep(settle_s)
         try:
             async with aiohttp.ClientSession() as session, session.get(url) as resp:
                 text = await resp.text()
-            return engine_tpot_totals(text_string_to_metric_families(text))
+            return metric_totals(text_string_to_metric_families(text))
         except (aiohttp.ClientError, ValueError):
             return None
 
     return read
 
 
-async def in_process_tpot() -> tuple[float, float] | None:
-    return engine_tpot_totals(prometheus_client.REGISTRY.collect())
+async def in_process_totals() -> dict:
+    return metric_totals(prometheus_client.REGISTRY.collect())
 
 
-async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str, engine_tpot=None) -> Row:
-    tpot0 = await engine_tpot() if engine_tpot else None
+async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str, engine_metrics=None) -> Row:
+    before = await engine_metrics() if engine_metrics else None
     server0, client0 = meter.read()
     samples, duration = await run_level(send, prompts, concurrency)
     server1, client1 = meter.read()
-    tpot1 = await engine_tpot() if engine_tpot else None
+    after = await engine_metrics() if engine_metrics else None
     row = summarize(name, concurrency, samples, duration)
     tokens = sum(s.output_tokens for s in samples if s.error is None)
     if tokens:
         row.server_cpu_us_per_tok = (server1 - server0) / tokens * 1e6
         row.client_cpu_us_per_tok = (client1 - client0) / tokens * 1e6 if meter.client_separate else None
-    if tpot0 and tpot1 and tpot1[1] > tpot0[1]:
-        row.engine_tpot_ms = (tpot1[0] - tpot0[0]) / (tpot1[1] - tpot0[1]) * 1000
+    if before and after:
+        tpot0, tpot1 = engine_tpot_totals(before), engine_tpot_totals(after)
+        if tpot0 and tpot1 and tpot1[1] > tpot0[1]:
+            row.engine_tpot_ms = (tpot1[0] - tpot0[0]) / (tpot1[1] - tpot0[1]) * 1000
+        steps = engine_steps(before, after, concurrency)
+        if steps:
+            row.engine_steps, row.engine_prefill_steps = steps
     return row
 
 
-async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter, engine_tpot=None) -> list[Row]:
+async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter, engine_metrics=None) -> list[Row]:
     """One run of each level, after the warm-up."""
     rows = []
     await run_level(send, prompts_for(args.warmup), min(args.warmup, 4))
     for concurrency, prompts in levels:
-        row = await run_measured(send, prompts, concurrency, meter, name, engine_tpot)
+        row = await run_measured(send, prompts, concurrency, meter, name, engine_metrics)
         progress(row)
         rows.append(row)
     return rows
@@ -446,13 +476,13 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         info["startup_s"] = time.perf_counter() - start
         meter = CpuMeter(server.process.pid, client_separate=True)
         # The model publishes its metrics every quarter second.
-        engine_tpot = metrics_page_tpot(f"http://127.0.0.1:{server.metrics_port}/metrics", settle_s=0.6)
+        engine_metrics = metrics_page_totals(f"http://127.0.0.1:{server.metrics_port}/metrics", settle_s=0.6)
         try:
             if target == "triton-http":
                 async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                     url = f"{server.url}/v2/models/{name}/generate_stream"
                     send = triton_http_sender(session, url, args.output_len)
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
             elif target == "openai":
                 service = OpenAIService(
                     f"127.0.0.1:{server.grpc_port}",
@@ -464,12 +494,12 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
                     meter = CpuMeter(server.process.pid, True, service.process.pid)
                     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
                         send = openai_sender(session, f"{service.url}/v1/completions", name, args.output_len)
-                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
+                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
                 finally:
                     service.stop()
             else:
                 async with triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len) as send:
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
+                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
             info["rss_mb"] = tree_rss_mb(server.process.pid)
         finally:
             server.stop()
@@ -485,7 +515,7 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         send = engine_sender(engine, args.output_len)
         try:
             meter = CpuMeter(os.getpid(), client_separate=False)
-            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, in_process_tpot)
+            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, in_process_totals)
             info["rss_mb"] = tree_rss_mb(os.getpid())
         finally:
             engine.shutdown()
@@ -509,8 +539,8 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             send = openai_sender(session, f"http://127.0.0.1:{port}/v1/completions", name, args.output_len)
             meter = CpuMeter(proc.pid, client_separate=True)
-            engine_tpot = metrics_page_tpot(f"http://127.0.0.1:{port}/metrics")
-            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_tpot)
+            engine_metrics = metrics_page_totals(f"http://127.0.0.1:{port}/metrics")
+            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
         info["rss_mb"] = tree_rss_mb(proc.pid)
     finally:
         stop_process_group(proc.pid, 60)
@@ -521,10 +551,16 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
 # ---------------------------------------------------------------------- output
 
 
+def prefill_share(row: Row) -> str:
+    if not row.engine_steps:
+        return "-"
+    return f"{100 * row.engine_prefill_steps / row.engine_steps:.0f} %"
+
+
 def table(rows: list[Row]) -> str:
     head = (
         f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} "
-        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10} {'eng TPOT':>8}"
+        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10} {'eng TPOT':>8} {'eng steps':>9} {'w/ prefill':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -539,7 +575,8 @@ def table(rows: list[Row]) -> str:
             f"{r.target:<12} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} {r.output_tok_s:>10.1f} {r.req_s:>7.2f} "
             f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8} "
             f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10} "
-            f"{f'{r.engine_tpot_ms:.1f}' if r.engine_tpot_ms is not None else '-':>8}"
+            f"{f'{r.engine_tpot_ms:.1f}' if r.engine_tpot_ms is not None else '-':>8} "
+            f"{r.engine_steps if r.engine_steps is not None else '-':>9} {prefill_share(r):>10}"
         )
     return "\n".join(lines)
 

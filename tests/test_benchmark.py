@@ -57,6 +57,10 @@ def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
     assert [(r.target, r.output_tok_s, r.tok_s_runs) for r in medians] == [("a", 20, [10, 30, 20]), ("b", 200, [100, 300, 200])]
 
 
+def totals(page: str) -> dict:
+    return benchmark.metric_totals(text_string_to_metric_families(page))
+
+
 def test_engine_tpot_sums_every_label_set_and_prefers_vllms_name():
     page = """# TYPE vllm:time_per_output_token_seconds histogram
 vllm:time_per_output_token_seconds_bucket{instance="0",le="+Inf"} 3
@@ -66,15 +70,32 @@ vllm:time_per_output_token_seconds_bucket{instance="1",le="+Inf"} 1
 vllm:time_per_output_token_seconds_sum{instance="1"} 0.05
 vllm:time_per_output_token_seconds_count{instance="1"} 1
 """
-    families = list(text_string_to_metric_families(page))
-    assert benchmark.engine_tpot_totals(families) == pytest.approx((0.08, 4))
+    assert benchmark.engine_tpot_totals(totals(page)) == pytest.approx((0.08, 4))
     newer = """# TYPE vllm:request_time_per_output_token_seconds histogram
 vllm:request_time_per_output_token_seconds_sum{engine="0"} 0.5
 vllm:request_time_per_output_token_seconds_count{engine="0"} 10
 """
-    families += list(text_string_to_metric_families(newer))
-    assert benchmark.engine_tpot_totals(families) == pytest.approx((0.5, 10))
-    assert benchmark.engine_tpot_totals(text_string_to_metric_families("# nothing\n")) is None
+    assert benchmark.engine_tpot_totals(totals(page + newer)) == pytest.approx((0.5, 10))
+    assert benchmark.engine_tpot_totals(totals("# nothing\n")) is None
+
+
+def step_page(within_16: int, count: int) -> str:
+    return f"""# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_bucket{{engine="0",le="8.0"}} 1
+vllm:iteration_tokens_total_bucket{{engine="0",le="16.0"}} {within_16}
+vllm:iteration_tokens_total_bucket{{engine="0",le="32.0"}} {within_16}
+vllm:iteration_tokens_total_bucket{{engine="0",le="+Inf"}} {count}
+vllm:iteration_tokens_total_count{{engine="0"}} {count}
+vllm:iteration_tokens_total_sum{{engine="0"}} 1000
+"""
+
+
+def test_engine_steps_with_a_prefill_are_those_with_more_tokens_than_streams():
+    before, after = totals(step_page(10, 12)), totals(step_page(110, 137))
+    assert benchmark.engine_steps(before, after, 16) == (125, 25)  # 100 steps of at most 16 tokens
+    assert benchmark.engine_steps(before, after, 12) == (125, 25)  # the next bound up, 16
+    assert benchmark.engine_steps(before, after, 64) is None  # no bound that high but +Inf
+    assert benchmark.engine_steps(totals("# nothing\n"), after, 16) is None
 
 
 def measure(server, send_factory, concurrency=4, requests=8):
@@ -148,6 +169,9 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
         assert row["server_cpu_us_per_tok"] > 0
         # the engine's own time per token, read from its metrics: present, and shorter than a whole request
         assert 0 < row["engine_tpot_ms"] < row["e2e_ms"]["median"], row["target"]
+        # its steps: 16 requests of OUTPUT_LEN tokens, two at a time; each prefill in a step of its own or shared
+        assert 8 * OUTPUT_LEN <= row["engine_steps"] <= 16 * OUTPUT_LEN, row["target"]
+        assert 8 <= row["engine_prefill_steps"] <= 16, row["target"]
     ratios = {r["target"]: r for r in result["ratios"]}
     assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve", "itl_vs_vllm-serve"} <= set(ratios["triton-grpc"])
     assert {"tok_s_vs_triton-grpc", "tok_s_vs_vllm-serve"} <= set(ratios["openai"])

@@ -9,6 +9,14 @@ import triton_python_backend_utils as pb_utils
 from .config import LOG_PREFIX
 
 
+def prompt_token_counts(iteration_stats) -> tuple[int, int]:
+    """(prompt tokens, those the step computed rather than took from the prefix cache)."""
+    stats = getattr(iteration_stats, "prompt_token_stats", None)
+    if stats is None:  # older vLLM: no cache split
+        return iteration_stats.num_prompt_tokens, iteration_stats.num_prompt_tokens
+    return stats.total, getattr(stats, "computed", stats.total)
+
+
 class Metrics:
     """vLLM's figures on Triton's metrics port, labelled by model and version.
 
@@ -20,6 +28,7 @@ class Metrics:
     FLUSH_S = 0.25
     LATENCY_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
     LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+    STEP_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]  # vLLM's own
     COUNTERS = {
         "prompt_tokens": ("vllm:prompt_tokens_total", "Prompt tokens processed"),
         "generation_tokens": ("vllm:generation_tokens_total", "Generation tokens produced"),
@@ -35,6 +44,7 @@ class Metrics:
         "e2e": ("vllm:e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS),
         "prompt_len": ("vllm:request_prompt_tokens", "Prompt length of finished requests", LENGTH_BUCKETS),
         "gen_len": ("vllm:request_generation_tokens", "Generation length of finished requests", LENGTH_BUCKETS),
+        "step_tokens": ("vllm:iteration_tokens_total", "Tokens of this model's requests per engine step", STEP_BUCKETS),
     }
 
     def __init__(self, labels):
@@ -80,11 +90,10 @@ class Metrics:
                 self._gauges["waiting"] = scheduler_stats.num_waiting_reqs
             if iteration_stats is None:
                 return
-            prompt_tokens = getattr(iteration_stats, "num_prompt_tokens", None)
-            if prompt_tokens is None:  # vLLM 0.30+ keeps them in prompt_token_stats
-                prompt_tokens = getattr(getattr(iteration_stats, "prompt_token_stats", None), "total", 0)
+            prompt_tokens, computed = prompt_token_counts(iteration_stats)
             self._counts["prompt_tokens"] += prompt_tokens
             self._counts["generation_tokens"] += iteration_stats.num_generation_tokens
+            self._observations["step_tokens"].append(computed + iteration_stats.num_generation_tokens)
             self._observations["ttft"] += iteration_stats.time_to_first_tokens_iter
             for req in iteration_stats.finished_requests:
                 self._observations["e2e"].append(req.e2e_latency)

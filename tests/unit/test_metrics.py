@@ -44,6 +44,7 @@ def test_families_and_labels(metrics):
     assert created["vllm:e2e_request_latency_seconds"].kind == pb_utils.MetricFamily.HISTOGRAM
     assert metric("vllm:e2e_request_latency_seconds").buckets == Metrics.LATENCY_BUCKETS
     assert metric("vllm:request_prompt_tokens").buckets == Metrics.LENGTH_BUCKETS
+    assert metric("vllm:iteration_tokens_total").buckets == Metrics.STEP_BUCKETS
     assert metric("vllm:num_requests_in_flight").labels == {"model": "m", "version": "1"}
 
 
@@ -61,6 +62,7 @@ def test_counters_gauges_histograms(metrics):
     assert calls("vllm:e2e_request_latency_seconds") == [("observe", 1.5)]
     assert calls("vllm:time_per_output_token_seconds") == [("observe", 0.5)]
     assert calls("vllm:request_generation_tokens") == [("observe", 5)]
+    assert calls("vllm:iteration_tokens_total") == [("observe", 8)]  # the step's prefill and decode
 
     metrics.publish()  # nothing new: no calls, gauges unchanged are not set again
     assert calls("vllm:prompt_tokens_total") == [("increment", 3)]
@@ -82,10 +84,11 @@ def test_scheduler_figures_ignored_while_idle(metrics):
 def test_prompt_tokens_of_newer_vllm(metrics):
     stats = iteration(generated=1)
     del stats.num_prompt_tokens
-    stats.prompt_token_stats = SimpleNamespace(total=7)
+    stats.prompt_token_stats = SimpleNamespace(total=7, computed=5)  # 2 from the prefix cache
     metrics.record(None, stats)
     metrics.publish()
     assert calls("vllm:prompt_tokens_total") == [("increment", 7)]
+    assert calls("vllm:iteration_tokens_total") == [("observe", 6)]  # only what the step computed
 
 
 def test_failed_publish_is_retried_next_flush(metrics):
