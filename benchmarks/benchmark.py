@@ -17,9 +17,9 @@ token), ITL (gaps between streamed chunks), end-to-end latency (median, p99),
 output tokens/s and requests/s; the engine's own mean TPOT, from vLLM's metrics
 (taken from the engine core's timestamps, so it tells the engine's pace apart
 from the delivery's) and its steps per level, with the share that ran a prefill
-beside the decodes (a step with more tokens than streams); plus each server's start-up time to ready and resident
-memory. Prints a table, writes results/benchmark.json and, when
-matplotlib is installed, results/benchmark.png.
+beside the decodes (a step with more tokens than streams); plus each server's
+start-up time to ready and resident memory. Prints a table, writes
+results/benchmark.json and, when matplotlib is installed, results/benchmark.png.
 
   .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
   .venv/bin/python benchmarks/benchmark.py --concurrency 1,16,64,256 --venv /root/venv   # GPU
