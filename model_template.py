@@ -53,6 +53,7 @@ from triton_vllm_model.config import (  # noqa: E402
     SHUTTING_DOWN,
     UNREADABLE_REQUEST,
     cpu_engine_environment,
+    engine_process_environment,
 )
 from triton_vllm_model.inputs import (  # noqa: E402
     BOOL_INPUTS,
@@ -108,7 +109,7 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         engine_config = loading.read_engine_config(version_dir)
         loading.check_placement(args, engine_config, self.logger)
-        for key, value in cpu_engine_environment(engine_config).items():
+        for key, value in {**engine_process_environment(sys.executable), **cpu_engine_environment(engine_config)}.items():
             os.environ.setdefault(key, value)
         self.loras = loading.read_loras(version_dir, engine_config)
         self.engine_args = loading.engine_args(engine_config)

@@ -192,6 +192,16 @@ def engine_cores(server):
     return {p.pid for p in psutil.Process(server.process.pid).children(recursive=True) if "EngineCor" in p.name()}
 
 
+def assert_started_from_python(cores):
+    """The engine core runs on python3 as `vllm serve`'s does, not on a copy of the stub's interpreter.
+
+    vLLM's CPU platform always spawns its engine processes; on a GPU this checks the model's choice.
+    """
+    for pid in cores:
+        exe = os.path.basename(psutil.Process(pid).exe())
+        assert exe.startswith("python"), f"engine core {pid} runs {exe}"
+
+
 def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
     """--instances 2: two model processes on one engine core. Streams through either get their
     whole text and each instance counts what it served; when the core dies, requests fail at
@@ -204,6 +214,7 @@ def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
             assert any(line.endswith(f"; instance {index} of 2 on one shared engine core") for line in ready), ready
         core = engine_cores(load_server) - cores_before
         assert len(core) == 1, f"engine cores started for the model: {core}"
+        assert_started_from_python(core)
 
         url = f"{load_server.url}/v2/models/shared/generate"
         params = json.dumps({"max_tokens": 48, "temperature": 0, "ignore_eos": True})
@@ -240,6 +251,7 @@ def test_two_instances_share_one_engine_core_and_survive_its_death(load_server):
         assert wait_for(serving_again, 90), "not serving again 90 s after the core was killed"
         serves_whole()
         assert len(engine_cores(load_server) - cores_before) == 1
+        assert_started_from_python(engine_cores(load_server) - cores_before)
 
         # Unloading stops the core once, quietly: no instance takes it for dead and starts another.
         died, handler_failures = len(log_lines(load_server, "engine died")), len(log_lines(load_server, "output_handler failed"))

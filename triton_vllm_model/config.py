@@ -37,6 +37,19 @@ UNREADABLE_REQUEST = "the request could not be read"
 INTERNAL_MESSAGES = (GENERATION_FAILED, UNREADABLE_REQUEST)
 
 
+def engine_process_environment(executable: str) -> dict[str, str]:
+    """Environment that makes vLLM start its engine processes from ``executable`` (the stub's ``sys.executable``).
+
+    ``vllm serve`` starts them that way ("spawn"). vLLM's default, "fork",
+    would copy the stub, whose Python is libpython's shared build: on Ubuntu
+    that took a third longer for the same Python code than its python3 (see
+    docs/benchmarks.md). Without a python to start, vLLM's default stays.
+    """
+    if executable and os.path.isfile(executable) and os.access(executable, os.X_OK):
+        return {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    return {}
+
+
 def cpu_engine_environment(engine_args: dict, cpus: int | None = None) -> dict[str, str]:
     """Environment for a vLLM CPU engine started with ``engine_args``; the model applies it before starting one.
 

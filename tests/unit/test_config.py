@@ -49,6 +49,17 @@ def test_cpu_engine_environment_defaults_to_this_process_cpus(monkeypatch):
     assert model_config.cpu_engine_environment is config.cpu_engine_environment
 
 
+def test_engine_processes_start_from_the_python_that_runs_the_model():
+    assert config.engine_process_environment(sys.executable) == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
+def test_without_a_python_to_start_vllm_keeps_its_start_method(tmp_path):
+    not_executable = tmp_path / "python3"
+    not_executable.write_text("")
+    for executable in ("", str(tmp_path / "missing"), str(tmp_path), str(not_executable)):
+        assert config.engine_process_environment(executable) == {}, executable
+
+
 def test_write_model_copies_the_package(tmp_path):
     model_dir = model_config.write_model(tmp_path, "m", {"model": "weights"}, loras={"a": "/x"})
     version = model_dir / "1"
