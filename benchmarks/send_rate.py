@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from benchmarks.probe_server import with_probe_model  # noqa: E402
 from serving.client import iter_sse  # noqa: E402
-from serving.tritonserver import LocalServer, ServerError, tail  # noqa: E402
+from serving.tritonserver import ServerError  # noqa: E402
 
 CONFIG = """name: "send_rate"
 backend: "python"
@@ -82,19 +81,8 @@ def report(url: str, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "send_rate"
-        (model_dir / "1").mkdir(parents=True)
-        (model_dir / "config.pbtxt").write_text(CONFIG)
-        shutil.copyfile(Path(__file__).with_name("send_rate_model.py"), model_dir / "1" / "model.py")
-        server = LocalServer.on_free_ports(Path(tmp), venv=args.venv, log_file=Path(tmp) / "server.log")
-        try:
-            with server:
-                report(server.url, args)
-        except (ServerError, TimeoutError, requests.RequestException) as exc:
-            print(f"error: {exc}\nlast lines of the server log:\n{tail(server.log_file)}", file=sys.stderr)
-            return 1
-    return 0
+    model_file = Path(__file__).with_name("send_rate_model.py")
+    return with_probe_model("send_rate", CONFIG, model_file, args.venv, lambda url: report(url, args))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 import aiohttp
 import pytest
-from helpers import DEVICE, MODEL, ROOT, run_script
+from helpers import DEVICE, MODEL, ROOT, SERVER_VENV, run_script
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -203,5 +203,23 @@ def test_send_rate_measures_the_sender_with_and_without_a_busy_thread():
 @pytest.mark.parametrize("flags", [["--switch-intervals", "fast"], ["--switch-intervals", "0"], ["--repeat", "0"]])
 def test_send_rate_bad_flags_exit_2(flags):
     done = run_script("benchmarks/send_rate.py", *flags, timeout=60)
+    assert done.returncode == 2
+    assert "error:" in done.stderr
+
+
+def test_interpreter_speed_times_python3_and_the_stub_where_an_engine_core_can_run():
+    done = run_script("benchmarks/interpreter_speed.py", "--repeat", "1", "--venv", str(SERVER_VENV))
+    assert done.returncode == 0, done.stderr
+    rows = {line[:22].strip(): line[22:].split() for line in done.stdout.splitlines()[1:]}
+    assert list(rows) == ["python3", "python3, forked", "python3, started anew", "stub", "stub, forked", "stub, started anew"]
+    assert all(float(row[0]) > 0 for row in rows.values())
+    assert rows["python3"][1] == "1.00"
+    stub = SERVER_VENV / "tritonserver" / "backends" / "python" / "triton_python_backend_stub"
+    assert rows["stub"][2] == rows["stub, forked"][2] == str(stub)  # a fork runs the stub's own interpreter
+    assert os.path.basename(rows["stub, started anew"][2]).startswith("python")  # what vLLM's "spawn" runs
+
+
+def test_interpreter_speed_bad_flags_exit_2():
+    done = run_script("benchmarks/interpreter_speed.py", "--repeat", "0", timeout=60)
     assert done.returncode == 2
     assert "error:" in done.stderr
