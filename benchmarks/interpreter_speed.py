@@ -30,13 +30,6 @@ from benchmarks import interpreter_speed_model as probe  # noqa: E402
 from benchmarks.probe_server import with_probe_model  # noqa: E402
 from serving.tritonserver import ServerError  # noqa: E402
 
-CONFIG = """name: "interpreter_speed"
-backend: "python"
-max_batch_size: 0
-instance_group [{ count: 1, kind: KIND_CPU }]
-input [{ name: "text_input", data_type: TYPE_STRING, dims: [1] }]
-output [{ name: "text_output", data_type: TYPE_STRING, dims: [1] }]
-"""
 PLACES = {"self": "", "fork": ", forked", "spawn": ", started anew"}
 
 
@@ -81,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         stub = in_the_stub(url, args.repeat)
         measured.update({f"stub{PLACES[place]}": figures for place, figures in stub.items()})
 
-    failed = with_probe_model("interpreter_speed", CONFIG, Path(probe.__file__), args.venv, measure_the_stub)
+    failed = with_probe_model("interpreter_speed", Path(probe.__file__), args.venv, measure_the_stub)
     if not failed:
         print(table(measured))
     return failed

@@ -28,15 +28,6 @@ from benchmarks.probe_server import with_probe_model  # noqa: E402
 from serving.client import iter_sse  # noqa: E402
 from serving.tritonserver import ServerError  # noqa: E402
 
-CONFIG = """name: "send_rate"
-backend: "python"
-max_batch_size: 0
-model_transaction_policy { decoupled: true }
-instance_group [{ count: 1, kind: KIND_CPU }]
-input [{ name: "text_input", data_type: TYPE_STRING, dims: [1] }]
-output [{ name: "text_output", data_type: TYPE_STRING, dims: [-1] }]
-"""
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,7 +73,7 @@ def report(url: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_file = Path(__file__).with_name("send_rate_model.py")
-    return with_probe_model("send_rate", CONFIG, model_file, args.venv, lambda url: report(url, args))
+    return with_probe_model("send_rate", model_file, args.venv, lambda url: report(url, args), decoupled=True)
 
 
 if __name__ == "__main__":
