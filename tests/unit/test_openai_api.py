@@ -1,6 +1,8 @@
 """The OpenAI service's pure logic: request fields to sampling parameters, model outputs to
 response bodies, model errors to HTTP statuses. No server."""
 
+import os
+
 import pytest
 
 from serving.openai_api.protocol import ApiError, ChatRequest, CompletionRequest
@@ -195,3 +197,28 @@ def test_completion_logprobs_offsets_continue_across_stream_chunks():
         "top_logprobs": [{"c": -0.2}],
         "text_offset": [2],
     }
+
+
+def _run_main(monkeypatch) -> dict:
+    import uvicorn
+
+    from serving.openai_api import __main__ as service
+
+    calls = {}
+    monkeypatch.setenv("OPENAI_API_SETTINGS", "")  # restored after the test
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
+    assert service.main(["--port", "9123"]) == 0
+    return calls
+
+
+def test_the_service_uses_grpcs_polling_client_by_default(monkeypatch):
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    calls = _run_main(monkeypatch)
+    assert calls["port"] == 9123
+    assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_client"
+
+
+def test_a_users_grpc_experiments_setting_is_kept(monkeypatch):
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "")
+    _run_main(monkeypatch)
+    assert os.environ["GRPC_EXPERIMENTS"] == ""
