@@ -2,9 +2,12 @@
 response bodies, model errors to HTTP statuses. No server."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
+from serving.openai_api.app import SETTINGS_VARIABLE
 from serving.openai_api.protocol import ApiError, ChatRequest, CompletionRequest
 from serving.openai_api.responses import Choices
 from serving.openai_api.triton import Output, error_for
@@ -205,7 +208,7 @@ def _run_main(monkeypatch) -> dict:
     from serving.openai_api import __main__ as service
 
     calls = {}
-    monkeypatch.setenv("OPENAI_API_SETTINGS", "")  # restored after the test
+    monkeypatch.setenv(SETTINGS_VARIABLE, "")  # restored after the test
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.update(app=app, **kwargs))
     assert service.main(["--port", "9123"]) == 0
     return calls
@@ -216,6 +219,13 @@ def test_the_service_uses_grpcs_polling_client_by_default(monkeypatch):
     calls = _run_main(monkeypatch)
     assert calls["port"] == 9123
     assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_client"
+
+
+def test_the_command_line_imports_grpc_only_after_setting_its_client():
+    # gRPC reads GRPC_EXPERIMENTS once, at import: main() must run before anything imports it.
+    check = "import sys, serving.openai_api.__main__; print('grpc' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_a_users_grpc_experiments_setting_is_kept(monkeypatch):
