@@ -108,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     eng.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens (GPU default 4096, CPU 2048)")
     eng.add_argument(
-        "--dtype", help="weight and activation dtype: auto, bfloat16, float16, float32 (GPU default auto, CPU bfloat16)"
+        "--dtype",
+        help="weight and activation dtype: auto, bfloat16, float16, float32 (GPU default auto; CPU bfloat16 "
+        "where the CPU has bfloat16 instructions (AVX-512 BF16, AMX, Arm BF16), else float32)",
     )
     eng.add_argument("--tensor-parallel-size", type=int, help="GPUs to split the model across (default 1)")
     eng.add_argument(

@@ -22,7 +22,15 @@ from triton_vllm_model.config import (
 from triton_vllm_model.config import MAX_RESPONSES_PER_SECOND as MAX_RESPONSES_PARAMETER
 from triton_vllm_model.config import REPORT_CUSTOM_METRICS as METRICS_PARAMETER
 
-__all__ = ["MAX_RESPONSES_PER_SECOND", "config_pbtxt", "cpu_engine_environment", "detect_device", "engine_args", "write_model"]
+__all__ = [
+    "MAX_RESPONSES_PER_SECOND",
+    "config_pbtxt",
+    "cpu_dtype",
+    "cpu_engine_environment",
+    "detect_device",
+    "engine_args",
+    "write_model",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TEMPLATE = PROJECT_ROOT / "model_template.py"
@@ -44,11 +52,11 @@ GPU_DEFAULTS = {
 # "uni" executor runs the model in the engine-core process: no worker process
 # busy-waiting on a shared-memory queue (see ``cpu_engine_environment``). The
 # worker extension asks for Intel AMX in that process (see triton_vllm_model/amx.py).
+# ``dtype`` depends on the CPU: see ``cpu_dtype``.
 CPU_DEFAULTS = {
     "gpu_memory_utilization": 0.2,
     "max_model_len": 2048,
     "max_num_seqs": 64,
-    "dtype": "bfloat16",
     "tensor_parallel_size": 1,
     "enforce_eager": True,
     "distributed_executor_backend": "uni",
@@ -56,9 +64,32 @@ CPU_DEFAULTS = {
 }
 
 
+# CPU flags (x86 ``flags``, Arm ``Features`` in /proc/cpuinfo) of instructions that compute bfloat16.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_dtype(cpuinfo: str | None = None) -> str:
+    """The CPU engine's dtype: bfloat16 where the CPU computes it, else float32.
+
+    Without those instructions (an AVX2-only x86, say) every bfloat16 operation
+    is converted to float32 and back, and float32 itself is faster. ``cpuinfo``
+    is the text of /proc/cpuinfo, read when not given; without it, bfloat16.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "bfloat16"
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return "bfloat16" if NATIVE_BF16_FLAGS & set(value.split()) else "float32"
+    return "bfloat16"
+
+
 def engine_args(model_path: str, device: str, overrides: dict | None = None) -> dict:
     """vLLM engine arguments for ``model.json``: device defaults, then overrides."""
-    defaults = GPU_DEFAULTS if device == "gpu" else CPU_DEFAULTS
+    defaults = GPU_DEFAULTS if device == "gpu" else {**CPU_DEFAULTS, "dtype": cpu_dtype()}
     args = {"model": model_path, **defaults, "disable_log_stats": False}
     args.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return args

@@ -6,7 +6,7 @@ import time
 import pytest
 from helpers import MODEL, run_script
 
-from serving.model_config import cpu_engine_environment
+from serving.model_config import cpu_dtype, cpu_engine_environment
 
 
 def prepare(repo, *args, env=None):
@@ -23,6 +23,7 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
     engine = json.loads((model / "1" / "model.json").read_text())
     assert engine["model"] == "weights"
     assert engine["max_model_len"] == 2048 and engine["enforce_eager"] is True
+    assert engine["dtype"] == cpu_dtype()  # bfloat16 where this CPU computes it, else float32
     assert engine["distributed_executor_backend"] == "uni"
     assert engine["worker_extension_cls"] == "triton_vllm_model.amx.AmxWorkerExtension"
     assert (model / "1" / "triton_vllm_model" / "amx.py").is_file()

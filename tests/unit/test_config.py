@@ -78,3 +78,31 @@ def test_preparation_side_stays_light():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+AMX_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+AVX2_CPU = "processor\t: 0\nflags\t\t: fpu sse2 fma avx avx2\nbugs\t\t: sysret_ss_attrs\n"
+ARM_CPU = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, expected",
+    [
+        (AMX_CPU, "bfloat16"),
+        (AVX2_CPU.replace("avx2", "avx2 avx512_bf16"), "bfloat16"),  # AVX-512 BF16 without AMX
+        (ARM_CPU, "bfloat16"),
+        (AVX2_CPU, "float32"),
+        (AVX2_CPU.replace("avx2", "avx2 avx512f"), "float32"),  # AVX-512 without its BF16 instructions
+        (ARM_CPU.replace(" bf16", ""), "float32"),
+        ("processor\t: 0\n", "bfloat16"),  # no flags to go by: vLLM's own CPU default
+    ],
+)
+def test_cpu_dtype_follows_the_cpus_bfloat16_instructions(cpuinfo, expected):
+    assert model_config.cpu_dtype(cpuinfo) == expected
+
+
+def test_cpu_engine_args_take_this_cpus_dtype(monkeypatch):
+    monkeypatch.setattr(model_config, "cpu_dtype", lambda: "float32")
+    assert model_config.engine_args("w", "cpu")["dtype"] == "float32"
+    assert model_config.engine_args("w", "cpu", {"dtype": "bfloat16"})["dtype"] == "bfloat16"
+    assert model_config.engine_args("w", "gpu")["dtype"] == "auto"
