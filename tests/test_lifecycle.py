@@ -104,8 +104,16 @@ def test_start_script_serves_triton_and_openai_then_stop_ends_both(tiny_reposito
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{ports['OPENAI_PORT']}/v1", api_key="sk-local", max_retries=0)
         assert [m.id for m in client.models.list()] == [MODEL]
         assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
+        # Requests the model refuses: the stop after them must still unload the model gracefully.
+        for _ in range(300):
+            with pytest.raises(openai.BadRequestError, match="context length"):
+                client.completions.create(model=MODEL, prompt="hello " * 3000, max_tokens=2)
     finally:
+        stopping = time.monotonic()
         stop = start_script("--stop", env=env, timeout=120)
     assert stop.returncode == 0, stop.stderr
+    assert time.monotonic() - stopping < 30, "the stop waited for Triton's exit timeout"
+    log = (tmp_path / "tritonserver.log").read_text()
+    assert "[vllm] shutdown complete" in log and "Non-graceful" not in log
     assert not [p for p in ports.values() if port_in_use("127.0.0.1", p)], "a port is still served after --stop"
     assert not list(tmp_path.glob("*.pid"))

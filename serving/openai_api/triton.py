@@ -119,16 +119,25 @@ class Triton:
             yield {"model_name": model, "inputs": inputs, "request_id": request_id}
 
         responses = self.client.stream_infer(one_request(), headers=self.headers)
+        failure, ended = None, False
         try:
             # Triton ends the stream after the request's last response, since no other request follows.
             async for result, error in responses:
                 if error is not None:
-                    raise error_for(message_of(error), model)
+                    # An error is the request's last response: the stream is left to end by itself, because
+                    # cancelling a stream whose request Triton has just finished can keep the model
+                    # from ever unloading (the server then waits its whole exit timeout at a stop).
+                    failure = error
+                    continue
                 yield output_of(result)
+            ended = True
         except grpc.RpcError as exc:
             raise self.unreachable(exc) from None
         finally:
-            responses.cancel()
+            if not ended:  # the caller stopped reading early: cancel the request on Triton
+                responses.cancel()
+        if failure is not None:
+            raise error_for(message_of(failure), model)
 
 
 def message_of(exc: Exception) -> str:
