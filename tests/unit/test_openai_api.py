@@ -1,16 +1,22 @@
 """The OpenAI service's pure logic: request fields to sampling parameters, model outputs to
-response bodies, model errors to HTTP statuses. No server."""
+response bodies, model errors to HTTP statuses, and which
+requests are cancelled on Triton. No server."""
 
+import asyncio
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
+from tritonclient.grpc import InferResult, service_pb2
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from serving.openai_api.app import SETTINGS_VARIABLE
 from serving.openai_api.protocol import ApiError, ChatRequest, CompletionRequest
 from serving.openai_api.responses import Choices
-from serving.openai_api.triton import Output, error_for
+from serving.openai_api.triton import Output, Triton, error_for
 from triton_vllm_model.config import ENGINE_DIED, ENGINE_RESTARTING, GENERATION_FAILED
 
 
@@ -232,3 +238,74 @@ def test_a_users_grpc_experiments_setting_is_kept(monkeypatch):
     monkeypatch.setenv("GRPC_EXPERIMENTS", "")
     _run_main(monkeypatch)
     assert os.environ["GRPC_EXPERIMENTS"] == ""
+
+
+class FakeStream:
+    """The responses of one gRPC stream, as tritonclient's asyncio client yields them."""
+
+    def __init__(self, messages):
+        self.messages = list(messages)
+        self.read_to_end = False
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.messages:
+            self.read_to_end = True
+            raise StopAsyncIteration
+        return self.messages.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def model_result(text: str) -> InferResult:
+    reply = service_pb2.ModelInferResponse()
+    for name, datatype, raw in (
+        ("text_output", "BYTES", serialize_byte_tensor(np.array([text.encode()], dtype=np.object_)).item()),
+        ("num_input_tokens", "INT32", np.array([3], dtype=np.int32).tobytes()),
+    ):
+        tensor = reply.outputs.add(name=name, datatype=datatype)
+        tensor.shape.append(1)
+        reply.raw_output_contents.append(raw)
+    return InferResult(reply)
+
+
+def generate_from(stream: FakeStream):
+    triton = Triton("unused:0")
+    triton.client = types.SimpleNamespace(stream_infer=lambda requests, headers: stream)
+    return triton.generate("m", "id", "Hi", None, {}, stream=True, logprobs=False)
+
+
+async def read_all(outputs) -> list[str]:
+    return [output.texts[0] async for output in outputs]
+
+
+def test_a_finished_stream_is_not_cancelled():
+    stream = FakeStream([(model_result("Hello"), None), (model_result(" world"), None)])
+    assert asyncio.run(read_all(generate_from(stream))) == ["Hello", " world"]
+    assert stream.read_to_end and not stream.cancelled
+
+
+def test_an_error_is_raised_once_triton_has_ended_the_stream():
+    error = InferenceServerException(msg="unknown sampling parameter 'bogus'")
+    stream = FakeStream([(model_result("Hello"), None), (None, error)])
+    with pytest.raises(ApiError) as raised:
+        asyncio.run(read_all(generate_from(stream)))
+    assert (raised.value.status, raised.value.param) == (400, "bogus")
+    assert stream.read_to_end and not stream.cancelled
+
+
+def test_a_caller_that_stops_reading_cancels_the_request():
+    stream = FakeStream([(model_result("Hello"), None), (model_result(" world"), None)])
+
+    async def read_one():
+        outputs = generate_from(stream)
+        first = await anext(outputs)
+        await outputs.aclose()
+        return first.texts[0]
+
+    assert asyncio.run(read_one()) == "Hello"
+    assert stream.cancelled
