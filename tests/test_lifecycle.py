@@ -105,9 +105,10 @@ def test_start_script_serves_triton_and_openai_then_stop_ends_both(tiny_reposito
         assert [m.id for m in client.models.list()] == [MODEL]
         assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=3).usage.completion_tokens >= 1
         # Requests the model refuses: the stop after them must still unload the model gracefully.
+        too_long = "hello " * 3000
         for _ in range(300):
             with pytest.raises(openai.BadRequestError, match="context length"):
-                client.completions.create(model=MODEL, prompt="hello " * 3000, max_tokens=2)
+                client.completions.create(model=MODEL, prompt=too_long, max_tokens=2)
     finally:
         stopping = time.monotonic()
         stop = start_script("--stop", env=env, timeout=120)

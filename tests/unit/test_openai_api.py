@@ -1,12 +1,12 @@
 """The OpenAI service's pure logic: request fields to sampling parameters, model outputs to
-response bodies, model errors to HTTP statuses, and which
-requests are cancelled on Triton. No server."""
+response bodies, model errors to HTTP statuses, and which requests are cancelled on Triton.
+No server."""
 
 import asyncio
 import os
 import subprocess
 import sys
-import types
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -275,7 +275,7 @@ def model_result(text: str) -> InferResult:
 
 def generate_from(stream: FakeStream):
     triton = Triton("unused:0")
-    triton.client = types.SimpleNamespace(stream_infer=lambda requests, headers: stream)
+    triton.client = SimpleNamespace(stream_infer=lambda requests, headers: stream)
     return triton.generate("m", "id", "Hi", None, {}, stream=True, logprobs=False)
 
 
