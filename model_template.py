@@ -50,6 +50,7 @@ from triton_vllm_model.config import (  # noqa: E402
     LOG_PREFIX,
     MAX_RESPONSES_PER_SECOND,
     REPORT_CUSTOM_METRICS,
+    SENDER_THREADS,
     SHUTTING_DOWN,
     UNREADABLE_REQUEST,
     cpu_engine_environment,
@@ -118,6 +119,7 @@ class TritonPythonModel:
         self.max_response_rate = loading.config_number(
             self.model_config, MAX_RESPONSES_PER_SECOND, DEFAULT_MAX_RESPONSES_PER_SECOND
         )
+        self.sender_threads = int(loading.config_number(self.model_config, SENDER_THREADS, 0))
         self.metrics = None
         if loading.config_flag(self.model_config, REPORT_CUSTOM_METRICS, default=True) and not self.engine_args.disable_log_stats:
             labels = {"model": self.model_name, "version": args["model_version"]}
@@ -130,7 +132,7 @@ class TritonPythonModel:
         self.accepting = True
         self.restarting = False
         self.restart_lock = threading.Lock()
-        self.responses = ResponseSender(lambda: len(self.jobs), self.max_response_rate, self._finished)
+        self.responses = ResponseSender(lambda: len(self.jobs), self.max_response_rate, self._finished, self.sender_threads)
         self.loop = uvloop.new_event_loop()  # as `vllm serve` runs: the pure-Python loop costs more per engine output
         self.loop_thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.loop_thread.start()
@@ -151,6 +153,7 @@ class TritonPythonModel:
         self.logger.log_info(
             f"{LOG_PREFIX} model '{self.model_name}' ready on vLLM {vllm.__version__}: {engine_config}; "
             f"MAX_RESPONSES_PER_SECOND {self.max_response_rate:g}"
+            + (f"; SENDER_THREADS {len(self.responses.lanes)}" if self.responses.lanes else "")
             + (
                 f"; instance {self.shared_core.index} of {self.shared_core.count} on one shared engine core"
                 if self.shared_core

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from serving.client import DEFAULT_MODEL, json_or_text, split_option
 from serving.download import COMPLETE_MARKER, HubUnreachable, download
-from serving.model_config import MAX_RESPONSES_PER_SECOND, detect_device, engine_args, write_model
+from serving.model_config import MAX_RESPONSES_PER_SECOND, SENDER_THREADS, detect_device, engine_args, write_model
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL_ID = "Qwen/Qwen2.5-0.5B"
@@ -86,6 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ")",
     )
     out.add_argument(
+        "--sender-threads",
+        type=int,
+        metavar="N",
+        help="with --max-responses-per-second 0: N threads send the responses while the engine's event loop goes "
+        "on; 0 lets the event loop send them itself (default: "
+        + ", ".join(f"{count} on the {device.upper()}" for device, count in SENDER_THREADS.items())
+        + ")",
+    )
+    out.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -129,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_responses_per_second is not None and not args.max_responses_per_second >= 0:
         parser.error(f"--max-responses-per-second must be 0 or more, got {args.max_responses_per_second:g}")
+    if args.sender_threads is not None and args.sender_threads < 0:
+        parser.error(f"--sender-threads must be 0 or more, got {args.sender_threads}")
     if args.instances < 1:
         parser.error(f"--instances must be 1 or more, got {args.instances}")
     return args
@@ -221,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         max_responses_per_second=(
             MAX_RESPONSES_PER_SECOND[device] if args.max_responses_per_second is None else args.max_responses_per_second
         ),
+        sender_threads=SENDER_THREADS[device] if args.sender_threads is None else args.sender_threads,
     )
     print(f"Model '{args.name}' ready in {model_dir} ({device} defaults; engine arguments in {version_dir / 'model.json'}).")
     return 0

@@ -1,10 +1,11 @@
 """Triton Python-backend model for benchmarks/send_rate.py (copied in as model.py).
 
-One request, one JSON config: send ``responses`` responses from a sender thread,
-as fast as the backend takes them, while (with ``busy``) another thread keeps the
-GIL busy with pure Python, as vLLM's output loop does in the real model; the
-interpreter's switch interval is ``switch_interval_s``. The final response
-reports the responses sent per second and the busy thread's work rate.
+Each request carries a JSON config and gets a sender thread of its own, which sends
+``responses`` responses as fast as the backend takes them, while (with ``busy``) one
+other thread, shared by the requests in flight, keeps the GIL busy with pure Python,
+as vLLM's output loop does in the real model; the interpreter's switch interval is
+``switch_interval_s``. Several requests at once are several senders. The final
+response reports when the sends began and ended and the busy thread's rounds by then.
 """
 
 import json
@@ -21,6 +22,12 @@ def _text(value):
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.busy = threading.Condition()
+        self.busy_senders = 0  # senders in flight that asked for the busy thread
+        self.rounds = 0
+        threading.Thread(target=self._keep_busy, daemon=True).start()
+
     def execute(self, requests):
         for request in requests:
             config = json.loads(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()[0])
@@ -28,24 +35,27 @@ class TritonPythonModel:
             threading.Thread(target=self._measure, args=(sender, config), daemon=True).start()
         return None
 
+    def _keep_busy(self):
+        while True:
+            with self.busy:
+                self.busy.wait_for(lambda: self.busy_senders > 0)
+            while self.busy_senders:
+                sum(range(1000))
+                self.rounds += 1
+
     def _measure(self, sender, config):
         sys.setswitchinterval(config["switch_interval_s"])
-        stop = threading.Event()
-        rounds = [0]
-
-        def keep_busy():
-            while not stop.is_set():
-                sum(range(1000))
-                rounds[0] += 1
-
         if config["busy"]:
-            threading.Thread(target=keep_busy, daemon=True).start()
-        start = time.monotonic()
+            with self.busy:
+                self.busy_senders += 1
+                self.busy.notify()
+        start, rounds_at_start = time.monotonic(), self.rounds
         for _ in range(config["responses"]):
             sender.send(pb_utils.InferenceResponse(output_tensors=[_text("x")]))
-        elapsed = time.monotonic() - start
-        stop.set()
-        result = {"responses_per_s": config["responses"] / elapsed, "busy_rounds_per_s": rounds[0] / elapsed}
+        result = {"start": start, "end": time.monotonic(), "rounds_at_start": rounds_at_start, "rounds_at_end": self.rounds}
+        if config["busy"]:
+            with self.busy:
+                self.busy_senders -= 1
         sender.send(
             pb_utils.InferenceResponse(output_tensors=[_text(json.dumps(result))]),
             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,

@@ -21,9 +21,11 @@ from triton_vllm_model.config import (
 )
 from triton_vllm_model.config import MAX_RESPONSES_PER_SECOND as MAX_RESPONSES_PARAMETER
 from triton_vllm_model.config import REPORT_CUSTOM_METRICS as METRICS_PARAMETER
+from triton_vllm_model.config import SENDER_THREADS as SENDER_THREADS_PARAMETER
 
 __all__ = [
     "MAX_RESPONSES_PER_SECOND",
+    "SENDER_THREADS",
     "config_pbtxt",
     "cpu_dtype",
     "cpu_engine_environment",
@@ -99,6 +101,10 @@ def engine_args(model_path: str, device: str, overrides: dict | None = None) -> 
 # event loop sends every output itself (0); on the CPU the budget leaves the cores to the engine.
 MAX_RESPONSES_PER_SECOND = {"gpu": 0, "cpu": DEFAULT_MAX_RESPONSES_PER_SECOND}
 
+# prepare_qwen_pt.py's --sender-threads by device, used without a budget (docs/streaming.md): on a
+# GPU four threads send while the event loop goes on; on two CPU cores they cost the engine its share.
+SENDER_THREADS = {"gpu": 4, "cpu": 0}
+
 
 def config_pbtxt(
     name: str,
@@ -106,6 +112,7 @@ def config_pbtxt(
     metrics: bool = True,
     max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
     instances: int = 1,
+    sender_threads: int = 0,
 ) -> str:
     """A few lines: the model fills in its inputs and outputs (auto-complete).
 
@@ -118,6 +125,7 @@ model_transaction_policy {{ decoupled: true }}
 instance_group [{{ count: {instances}, kind: {instance_kind} }}]
 parameters: {{ key: "{METRICS_PARAMETER}", value: {{ string_value: "{str(metrics).lower()}" }} }}
 parameters: {{ key: "{MAX_RESPONSES_PARAMETER}", value: {{ string_value: "{max_responses_per_second:g}" }} }}
+parameters: {{ key: "{SENDER_THREADS_PARAMETER}", value: {{ string_value: "{sender_threads}" }} }}
 """
 
 
@@ -130,6 +138,7 @@ def write_model(
     loras: dict[str, str] | None = None,
     max_responses_per_second: float = DEFAULT_MAX_RESPONSES_PER_SECOND,
     instances: int = 1,
+    sender_threads: int = 0,
 ) -> Path:
     """Create or refresh ``repository/name``; weights elsewhere are left untouched.
 
@@ -143,7 +152,9 @@ def write_model(
     if loras:
         args = {**args, "enable_lora": True}
         lora_file.write_text(json.dumps(loras, indent=2) + "\n")
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, instance_kind, metrics, max_responses_per_second, instances))
+    (model_dir / "config.pbtxt").write_text(
+        config_pbtxt(name, instance_kind, metrics, max_responses_per_second, instances, sender_threads)
+    )
     (version_dir / ENGINE_ARGS_FILE).write_text(json.dumps(args, indent=2) + "\n")
     shutil.copyfile(MODEL_TEMPLATE, version_dir / "model.py")
     package = version_dir / MODEL_PACKAGE.name

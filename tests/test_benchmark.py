@@ -191,16 +191,21 @@ def test_bad_flags_exit_2(flags, tmp_path):
     assert "error:" in done.stderr
 
 
-def test_send_rate_measures_the_sender_with_and_without_a_busy_thread():
-    done = run_script("benchmarks/send_rate.py", "--responses", "200", "--switch-intervals", "0.005", "--repeat", "1")
+def test_send_rate_measures_the_senders_with_and_without_a_busy_thread():
+    done = run_script(
+        "benchmarks/send_rate.py", "--responses", "200", "--switch-intervals", "0.005", "--senders", "1,3", "--repeat", "1"
+    )
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("5.00 ms")]
-    assert [row[2] for row in rows] == ["no", "yes"]
-    assert all(float(row[3]) > 0 for row in rows)
-    assert float(rows[1][4]) > 0  # the busy thread's rounds a second
+    assert [(row[2], row[3]) for row in rows] == [("1", "no"), ("1", "yes"), ("3", "no"), ("3", "yes")]
+    assert all(float(row[4]) > 0 for row in rows)  # responses a second
+    assert all(float(row[5]) > 0 for row in rows if row[3] == "yes")  # the busy thread's rounds a second
 
 
-@pytest.mark.parametrize("flags", [["--switch-intervals", "fast"], ["--switch-intervals", "0"], ["--repeat", "0"]])
+@pytest.mark.parametrize(
+    "flags",
+    [["--switch-intervals", "fast"], ["--switch-intervals", "0"], ["--repeat", "0"], ["--senders", "0"], ["--senders", "two"]],
+)
 def test_send_rate_bad_flags_exit_2(flags):
     done = run_script("benchmarks/send_rate.py", *flags, timeout=60)
     assert done.returncode == 2

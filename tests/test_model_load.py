@@ -48,6 +48,7 @@ def repository(tiny_repository, tmp_path_factory) -> Path:
     prepare(repo, weights, "too-many-gpus", "--tensor-parallel-size", "64")
     prepare(repo, weights, "paced", "--max-responses-per-second", "10")
     prepare(repo, weights, "direct", "--max-responses-per-second", "0")
+    prepare(repo, weights, "threads", "--max-responses-per-second", "0", "--sender-threads", "3")
     prepare(repo, weights, "shared", "--instances", "2")
     prepare(repo, weights, "shared-no-memory", "--instances", "2", "--gpu-memory-utilization", "0.99")
     config = prepare(repo, weights, "no-budget") / "config.pbtxt"
@@ -151,12 +152,20 @@ def test_streams_under_a_response_budget_get_merged_text_at_most_every_interval(
         requests.post(f"{load_server.url}/v2/repository/models/paced/unload", timeout=120)
 
 
-def test_without_a_budget_the_event_loop_sends_every_stream_whole(load_server):
-    """MAX_RESPONSES_PER_SECOND 0: responses leave from the engine's event loop; streams side
-    by side, one of them dropped by its client, each get all their text in order."""
-    assert load(load_server, "direct").status_code == 200
+@pytest.mark.parametrize(
+    "model, ready_line_end",
+    [
+        ("direct", "; MAX_RESPONSES_PER_SECOND 0"),  # the event loop sends
+        ("threads", "; MAX_RESPONSES_PER_SECOND 0; SENDER_THREADS 3"),  # sender threads, the GPU default
+    ],
+)
+def test_without_a_budget_every_stream_gets_its_whole_text(load_server, model, ready_line_end):
+    """MAX_RESPONSES_PER_SECOND 0: each engine output leaves at once, from the engine's event
+    loop or from the sender threads; streams side by side, one of them dropped by its client,
+    each get all their text in order."""
+    assert load(load_server, model).status_code == 200
     try:
-        url = f"{load_server.url}/v2/models/direct/generate"
+        url = f"{load_server.url}/v2/models/{model}/generate"
         params = json.dumps({"max_tokens": 96, "temperature": 0, "ignore_eos": True})
         body = {"text_input": "Hello world", "return_num_output_tokens": True, "sampling_parameters": params}
         dropped = requests.post(url + "_stream", json={**body, "stream": True}, stream=True, timeout=120)
@@ -172,9 +181,9 @@ def test_without_a_budget_the_event_loop_sends_every_stream_whole(load_server):
         for events in streams:
             assert sum(e["num_output_tokens"] for e in events) == 96
             assert "".join(e["text_output"] for e in events) == whole
-        assert any(line.endswith("; MAX_RESPONSES_PER_SECOND 0") for line in log_lines(load_server, "model 'direct' ready"))
+        assert any(line.endswith(ready_line_end) for line in log_lines(load_server, f"model '{model}' ready"))
     finally:
-        requests.post(f"{load_server.url}/v2/repository/models/direct/unload", timeout=120)
+        requests.post(f"{load_server.url}/v2/repository/models/{model}/unload", timeout=120)
 
 
 def generated_by_instance(server, model):

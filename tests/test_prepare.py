@@ -19,6 +19,7 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
     config = (model / "config.pbtxt").read_text()
     assert config.count("decoupled: true") == 1
     assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
+    assert 'key: "SENDER_THREADS", value: { string_value: "0" }' in config
     assert (model / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
     engine = json.loads((model / "1" / "model.json").read_text())
     assert engine["model"] == "weights"
@@ -54,7 +55,8 @@ def test_gpu_defaults_fit_an_8gb_card(tmp_path):
     assert engine["max_model_len"] == 4096 and engine["enforce_eager"] is False
     assert "distributed_executor_backend" not in engine  # vLLM's own choice on a GPU
     config = (tmp_path / MODEL / "config.pbtxt").read_text()
-    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "0" }' in config  # the event loop sends
+    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "0" }' in config  # no budget
+    assert 'key: "SENDER_THREADS", value: { string_value: "4" }' in config  # four threads send
 
 
 def test_the_uni_executor_gets_its_environment_and_leaves_one_cpu_free():
@@ -91,6 +93,12 @@ def test_negative_response_budget_is_a_usage_error(tmp_path):
     done = prepare(tmp_path, "--tiny", "--max-responses-per-second", "-5")
     assert done.returncode == 2
     assert "--max-responses-per-second must be 0 or more, got -5" in done.stderr
+
+
+def test_negative_sender_threads_is_a_usage_error(tmp_path):
+    done = prepare(tmp_path, "--tiny", "--sender-threads", "-1")
+    assert done.returncode == 2
+    assert "--sender-threads must be 0 or more, got -1" in done.stderr
 
 
 def test_instances_below_one_is_a_usage_error(tmp_path):

@@ -15,6 +15,7 @@ LORA_FILE = "multi_lora.json"  # LoRA adapter names -> folders, when enable_lora
 # config.pbtxt parameters the model reads.
 REPORT_CUSTOM_METRICS = "REPORT_CUSTOM_METRICS"
 MAX_RESPONSES_PER_SECOND = "MAX_RESPONSES_PER_SECOND"
+SENDER_THREADS = "SENDER_THREADS"
 
 # Streamed responses per second, shared by the requests in flight (0: one response
 # per engine output). The Python backend pays a round trip between processes for

@@ -1,5 +1,5 @@
-"""Sending responses: one thread sends them all under a budget of responses per second,
-or (budget 0) the event loop sends each output itself as it comes."""
+"""Sending responses: one thread sends them all under a budget of responses per second;
+without a budget, a pool of sender threads, or the event loop itself, sends each output as it comes."""
 
 import contextlib
 import queue
@@ -42,45 +42,99 @@ def closes(entries):
     return any(final or not isinstance(payload, Delta) for payload, final in entries)
 
 
+def take(source, timeout=None):
+    """What ``source`` holds: wait up to ``timeout`` (None: for ever) for one item, then take the rest."""
+    try:
+        items = [source.get(timeout=timeout)]
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            items.append(source.get_nowait())
+        except queue.Empty:
+            return items
+
+
+def hold(pending, job, payload, final):
+    """Add an output to ``pending`` (job -> [[payload, final], ...]), merged into the job's last held Delta."""
+    entries = pending.setdefault(job, [])
+    if entries and isinstance(entries[-1][0], Delta) and isinstance(payload, Delta) and not entries[-1][1]:
+        entries[-1][0].extend(payload)
+        entries[-1][1] = final
+    else:
+        entries.append([payload, final])
+
+
 class ResponseSender:
     """Sends under a budget from one dedicated thread (``run``), so the engine's event loop
-    never blocks on IPC; without a budget the caller of ``put`` sends at once.
+    never blocks on IPC. Without a budget, ``threads`` sender threads send each output as
+    it comes (``drain``); with none, the caller of ``put`` sends at once.
 
     in_flight: a function giving the number of requests in flight.
     max_rate: MAX_RESPONSES_PER_SECOND, shared by the requests in flight (0: no budget).
     on_final: called with a job once its final response went out (or failed to).
+    threads: SENDER_THREADS, used without a budget (0: the event loop sends).
     """
 
-    def __init__(self, in_flight, max_rate, on_final):
+    def __init__(self, in_flight, max_rate, on_final, threads=0):
         self.in_flight = in_flight
         self.max_rate = max_rate
         self.on_final = on_final
         self.responses = queue.Queue()
         self.thread = None
+        self.lanes = [] if max_rate else [queue.SimpleQueue() for _ in range(threads)]
+        self.lane_threads = []
 
     def start(self):
-        """Start the sending thread; without a budget none is needed."""
+        """Start the sending thread (with a budget) or the sender threads (without one)."""
         if self.max_rate:
             self.thread = threading.Thread(target=self.run, name="vllm-send", daemon=True)
             self.thread.start()
+        for index, lane in enumerate(self.lanes):
+            thread = threading.Thread(target=self.drain, args=(lane,), name=f"vllm-send-{index}", daemon=True)
+            thread.start()
+            self.lane_threads.append(thread)
 
     def put(self, job, payload, final):
         """payload: a Delta of new output, or a ready error response.
 
-        Without a budget the calling thread (the engine's event loop) sends it now: no other
-        thread has to win the GIL back from the busy loop for each response, and while a
-        send blocks, vLLM merges the request's next outputs into one.
+        Without a budget, one of the sender threads sends it, or with none the calling thread
+        (the engine's event loop) sends it now: no other thread has to win the GIL back from
+        the busy loop for each response, and while a send blocks, vLLM merges the request's
+        next outputs into one.
         """
         if self.max_rate:
             self.responses.put((job, payload, final))
+        elif self.lanes:
+            # One lane per request keeps its responses in order.
+            self.lanes[hash(job.id) % len(self.lanes)].put((job, payload, final))
         else:
             self.send(job, payload, final)
 
     def stop(self, timeout_s=5.0):
-        """Send what is held, then end the sending thread."""
+        """Send what is held, then end the sending threads."""
         self.responses.put(None)
-        if self.thread is not None:
-            self.thread.join(timeout=timeout_s)
+        for lane in self.lanes:
+            lane.put(None)
+        for thread in [self.thread, *self.lane_threads]:
+            if thread is not None:
+                thread.join(timeout=timeout_s)
+
+    def drain(self, lane):
+        """A sender thread: send what its lane holds, a request's waiting outputs merged into one.
+
+        The Python backend releases the GIL for each send's round trip to the server and
+        serves several at once, so several threads send in parallel while the event loop
+        goes on with the engine's outputs.
+        """
+        while True:
+            pending = {}
+            for item in take(lane):
+                if item is None:
+                    self._send_all(pending)
+                    return
+                hold(pending, *item)
+            self._send_all(pending)
 
     def run(self):
         """Each response costs a round trip to the server process, so under load a
@@ -89,17 +143,11 @@ class ResponseSender:
         """
         pending = {}  # job -> [[Delta or error response, final], ...] in arrival order
         while True:
-            for item in self._take(self.wait_s(pending)):
+            for item in take(self.responses, self.wait_s(pending)):
                 if item is None:
                     self._send_all(pending)
                     return
-                job, payload, final = item
-                entries = pending.setdefault(job, [])
-                if entries and isinstance(entries[-1][0], Delta) and isinstance(payload, Delta) and not entries[-1][1]:
-                    entries[-1][0].extend(payload)
-                    entries[-1][1] = final
-                else:
-                    entries.append([payload, final])
+                hold(pending, *item)
             ready_at = time.monotonic() - self.interval_s()
             due = {job: entries for job, entries in pending.items() if job.last_sent <= ready_at or closes(entries)}
             for job in due:
@@ -118,17 +166,6 @@ class ResponseSender:
         if not pending:
             return None
         return max(0.0, min(job.last_sent for job in pending) + self.interval_s() - time.monotonic())
-
-    def _take(self, timeout):
-        try:
-            items = [self.responses.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        while True:
-            try:
-                items.append(self.responses.get_nowait())
-            except queue.Empty:
-                return items
 
     def _send_all(self, pending):
         for job, entries in pending.items():

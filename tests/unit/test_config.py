@@ -15,6 +15,13 @@ def test_response_budget_defaults():
     assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 2000  # a config.pbtxt without the parameter
     assert model_config.MAX_RESPONSES_PER_SECOND == {"gpu": 0, "cpu": config.DEFAULT_MAX_RESPONSES_PER_SECOND}
     assert f"{config.DEFAULT_MAX_RESPONSES_PER_SECOND:g}" == "2000"
+    assert model_config.SENDER_THREADS == {"gpu": 4, "cpu": 0}  # used where the budget is 0
+
+
+def test_sender_threads_are_written():
+    assert 'parameters: { key: "SENDER_THREADS", value: { string_value: "0" } }' in model_config.config_pbtxt("m")
+    pbtxt = model_config.config_pbtxt("m", max_responses_per_second=0, sender_threads=4)
+    assert 'parameters: { key: "SENDER_THREADS", value: { string_value: "4" } }' in pbtxt
 
 
 def test_file_and_parameter_names():

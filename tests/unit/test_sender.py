@@ -1,4 +1,5 @@
-"""The response budget (triton_vllm_model/sender.py): intervals, waits, what goes out at once."""
+"""Sending responses (triton_vllm_model/sender.py): the budget's intervals, waits, what goes out
+at once; the sender threads used without a budget."""
 
 import threading
 import time
@@ -131,3 +132,42 @@ def test_with_a_budget_the_thread_sends_and_stop_ends_it():
     sender.stop()
     assert not sender.thread.is_alive()
     assert texts(job) == [([b"a"], FINAL)]
+
+
+class SlowSender(TritonSender):
+    """A send that takes a while, as the round trip to the server does; releases the GIL."""
+
+    def send(self, response=None, flags=0):
+        time.sleep(0.002)
+        super().send(response, flags)
+
+
+def test_sender_threads_keep_each_request_in_order_and_merge_what_waits():
+    finished = []
+    sender = ResponseSender(lambda: 8, 0, on_final=finished.append, threads=3)
+    sender.start()
+    assert len(sender.lane_threads) == 3 and sender.thread is None
+    jobs = [new_job(f"r{i}") for i in range(8)]
+    for job in jobs:
+        job.sender = SlowSender()
+    for step in range(20):
+        for job in jobs:
+            sender.put(job, delta(f"{step},"), step == 19)
+    sender.stop()
+    assert not any(thread.is_alive() for thread in sender.lane_threads)
+    expected = "".join(f"{step}," for step in range(20))
+    for job in jobs:
+        sent = texts(job)
+        assert "".join(text[0].decode() for text, _ in sent) == expected  # every piece, in order
+        assert [flags for _, flags in sent][-1] == FINAL and job.done
+        assert len(sent) < 20  # outputs that waited for a busy thread went out merged
+    assert sorted(job.id for job in finished) == sorted(job.id for job in jobs)
+
+
+def test_sender_threads_are_not_started_with_a_budget():
+    sender = ResponseSender(lambda: 1, 2000, on_final=lambda job: None, threads=4)
+    sender.start()
+    job = new_job()
+    sender.put(job, delta("a"), True)
+    sender.stop()
+    assert sender.lane_threads == [] and texts(job) == [([b"a"], FINAL)]
