@@ -68,12 +68,13 @@ def measure_one(url: str, config: dict) -> dict:
     )
     response.raise_for_status()
     events = list(iter_sse(response))
-    try:
-        return json.loads(events[-1]["text_output"])
-    except (IndexError, KeyError, ValueError):
-        raise ServerError(
-            f"the send-rate model did not report its figures: {len(events)} events, the last {events[-2:] or 'none'}"
-        ) from None
+    # The report is the one event that holds JSON; every other one is "x". Once, on a
+    # loaded machine, a stream's last event was an "x" (whether the report came before it
+    # was not recorded), so the report is looked for, not assumed last.
+    reports = [e["text_output"] for e in events if e.get("text_output", "").startswith("{")]
+    if len(reports) != 1:
+        raise ServerError(f"the send-rate model did not report its figures: {len(events)} events, the last {events[-2:]}")
+    return json.loads(reports[0])
 
 
 def measure(url: str, senders: int, config: dict) -> dict:
