@@ -325,7 +325,7 @@ class CpuMeter:
         self.client_separate = client_separate
 
     def read(self) -> tuple[float, float]:
-        client = sum(os.times()[:2]) if self.client_separate else 0.0
+        client = time.process_time() if self.client_separate else 0.0
         return sum(tree_cpu_s(pid) for pid in self.server_pids), client
 
 
