@@ -68,7 +68,7 @@ def hold(pending, job, payload, final):
 class ResponseSender:
     """Sends under a budget from one dedicated thread (``run``), so the engine's event loop
     never blocks on IPC. Without a budget, ``threads`` sender threads send each output as
-    it comes (``drain``); with none, the caller of ``put`` sends at once.
+    it comes (``run`` on a lane each); with none, the caller of ``put`` sends at once.
 
     in_flight: a function giving the number of requests in flight.
     max_rate: MAX_RESPONSES_PER_SECOND, shared by the requests in flight (0: no budget).
@@ -91,7 +91,7 @@ class ResponseSender:
             self.thread = threading.Thread(target=self.run, name="vllm-send", daemon=True)
             self.thread.start()
         for index, lane in enumerate(self.lanes):
-            thread = threading.Thread(target=self.drain, args=(lane,), name=f"vllm-send-{index}", daemon=True)
+            thread = threading.Thread(target=self.run, args=(lane,), name=f"vllm-send-{index}", daemon=True)
             thread.start()
             self.lane_threads.append(thread)
 
@@ -120,30 +120,20 @@ class ResponseSender:
             if thread is not None:
                 thread.join(timeout=timeout_s)
 
-    def drain(self, lane):
-        """A sender thread: send what its lane holds, a request's waiting outputs merged into one.
-
-        The Python backend releases the GIL for each send's round trip to the server and
-        serves several at once, so several threads send in parallel while the event loop
-        goes on with the engine's outputs.
-        """
-        while True:
-            pending = {}
-            for item in take(lane):
-                if item is None:
-                    self._send_all(pending)
-                    return
-                hold(pending, *item)
-            self._send_all(pending)
-
-    def run(self):
+    def run(self, source=None):
         """Each response costs a round trip to the server process, so under load a
         request's new output waits until its interval is up and goes out merged
         (see ``interval_s``). First and final responses and errors go out at once.
+
+        A sender thread runs this on its lane (``source``) without a budget: each output is
+        due at once, and a request's outputs that waited for the thread go out merged. The
+        Python backend releases the GIL for each send's round trip to the server and serves
+        several at once, so several threads send in parallel while the event loop goes on.
         """
+        source = self.responses if source is None else source
         pending = {}  # job -> [[Delta or error response, final], ...] in arrival order
         while True:
-            for item in take(self.responses, self.wait_s(pending)):
+            for item in take(source, self.wait_s(pending)):
                 if item is None:
                     self._send_all(pending)
                     return
