@@ -5,8 +5,9 @@
   python client_grpc.py --stream --max-tokens 64 "Tell me a story"
   python client_grpc.py --url my-host:8001 --ssl --header authorization="Bearer T" "Hi"
 
-Exit codes: 0 ok, 1 a request was rejected, 2 bad usage, 3 server unreachable,
-4 model unknown or not ready, 130 interrupted (requests cancelled on the server).
+Exit codes: 0 ok, 1 a request was rejected or its answer cut off, 2 bad usage,
+3 server unreachable, 4 model unknown or not ready, 130 interrupted (requests
+cancelled on the server).
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@
   python client_http.py --chat --system "Be brief" "Hi"     # chat template
   python client_http.py -f prompts.txt -c 8 -o results.txt  # a batch, 8 at a time
 
-Exit codes: 0 ok, 1 a request was rejected, 2 bad usage, 3 server unreachable,
-4 model unknown or not ready, 130 interrupted (requests cancelled on the server).
+Exit codes: 0 ok, 1 a request was rejected or its answer cut off, 2 bad usage,
+3 server unreachable, 4 model unknown or not ready, 130 interrupted (requests
+cancelled on the server).
 """
 
 from __future__ import annotations

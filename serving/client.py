@@ -197,6 +197,10 @@ class RequestFailed(Exception):
     pass
 
 
+# The model's last response always names a finish reason; an answer without one was cut off on the way.
+CUT_SHORT = "the answer ended before the server's final response (no finish reason): it may be incomplete; send it again"
+
+
 def run_one(generate: Generate, prompt: str, messages: list[dict] | None, on_text=None) -> Result:
     result = Result(prompt=prompt)
     start = time.perf_counter()
@@ -214,6 +218,9 @@ def run_one(generate: Generate, prompt: str, messages: list[dict] | None, on_tex
                 on_text(chunk.text)
     except RequestFailed as exc:
         result.error = str(exc)
+    else:
+        if result.finish_reason is None:
+            result.error = CUT_SHORT
     result.latency_s = time.perf_counter() - start
     return result
 

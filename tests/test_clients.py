@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -154,3 +156,42 @@ def test_sse_events_stay_whole_across_unicode_line_separators():
     resp = requests.models.Response()
     resp.raw = io.BytesIO('data: {"text_output": "a\u2028b\x85c"}\n\ndata: {"text_output": "d"}\n\n'.encode())
     assert [event["text_output"] for event in iter_sse(resp)] == ["a\u2028b\x85c", "d"]
+
+
+class CutStream(BaseHTTPRequestHandler):
+    """A server whose generate_stream ends after two responses, without the final one."""
+
+    def do_GET(self):  # the client's readiness check
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for text in ("Once", " upon"):
+            self.wfile.write(f"data: {json.dumps({'text_output': text, 'finish_reason': ''})}\n\n".encode())
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_stream_cut_short_is_an_error():
+    # Triton's HTTP front end has been seen ending a stream early, with no error, on a saturated machine.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), CutStream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        done = run_script("client_http.py", "--url", url, "--stream", "Tell me a story", timeout=60)
+        as_json = run_script("client_http.py", "--url", url, "--stream", "--json", "Tell me a story", timeout=60)
+    finally:
+        server.shutdown()
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip() == "Once upon"
+    assert "ended before the server's final response" in done.stderr
+    result = json.loads(as_json.stdout)
+    assert result["text"] == "Once upon" and result["finish_reason"] is None
+    assert "ended before the server's final response" in result["error"]
