@@ -52,6 +52,7 @@ import uvloop  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from serving.client import DEFAULT_MODEL  # noqa: E402
+from serving.grpc_client import use_polling_client  # noqa: E402
 from serving.model_config import cpu_engine_environment  # noqa: E402
 from serving.openai_api.service import OpenAIService  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
@@ -765,6 +766,8 @@ async def main_async(args) -> int:
 
 
 def main(argv=None) -> int:
+    # The triton-grpc client polls as the OpenAI service does; set before its first import of gRPC.
+    use_polling_client()
     # uvloop, as `vllm serve` and the model run theirs: the in-process engine is the floor.
     return uvloop.run(main_async(parse_args(argv)))
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 
 import aiohttp
@@ -37,6 +38,23 @@ def test_each_round_starts_one_target_later():
     targets = ["a", "b", "c"]
     orders = [benchmark.rotated(targets, shift) for shift in range(4)]
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_the_grpc_client_polls_unless_the_user_chose(monkeypatch):
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "")  # restored after the test
+    monkeypatch.delenv("GRPC_EXPERIMENTS")
+    assert benchmark.main(["--targets", "no-such-target"]) == 2
+    assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_client"
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "")
+    assert benchmark.main(["--targets", "no-such-target"]) == 2
+    assert os.environ["GRPC_EXPERIMENTS"] == ""
+
+
+def test_importing_the_benchmark_leaves_grpc_unimported():
+    # gRPC reads GRPC_EXPERIMENTS once, at its first import: main() must come first.
+    check = "import sys; sys.path.insert(0, 'benchmarks'); import benchmark; print('grpc' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_vllm_serve_gets_the_models_engine_arguments_and_the_extra_ones():
