@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ from serving.openai_api.service import OpenAIService  # noqa: E402
 from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
 TARGETS = ["triton-http", "triton-grpc", "openai", "engine", "vllm-serve"]
+TRITON_TARGETS = ("triton-http", "triton-grpc", "openai")
+MEMORY_FOR_ENGINES = 0.9  # of the device's memory, for the engines --interleave keeps up at once
 
 
 @dataclass
@@ -407,15 +410,14 @@ async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str, e
     return row
 
 
-async def sweep(name, send, prompts_for, levels, args, progress, meter: CpuMeter, engine_metrics=None) -> list[Row]:
-    """One run of each level, after the warm-up."""
-    rows = []
-    await run_level(send, prompts_for(args.warmup), min(args.warmup, 4))
-    for concurrency, prompts in levels:
-        row = await run_measured(send, prompts, concurrency, meter, name, engine_metrics)
-        progress(row)
-        rows.append(row)
-    return rows
+async def warm_up(target: Target, prompts_for, args) -> None:
+    await run_level(target.send, prompts_for(args.warmup), min(args.warmup, 4))
+
+
+async def measure(target: Target, name: str, prompts, concurrency: int, progress) -> Row:
+    row = await run_measured(target.send, prompts, concurrency, target.meter, name, target.engine_metrics)
+    progress(row)
+    return row
 
 
 def median_runs(rounds: list[list[Row]]) -> list[Row]:
@@ -462,49 +464,76 @@ async def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
-async def bench_target(target, args, engine_args, levels, prompts_for, progress) -> tuple[list[Row], dict]:
-    name = args.name
-    info: dict = {}
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    if target in ("triton-http", "triton-grpc", "openai"):
-        server = LocalServer.on_free_ports(
-            args.model_repository.resolve(),
-            venv=args.venv.resolve(),
-            log_file=args.out_dir.resolve() / f"{target}.log",
-        )
-        start = time.perf_counter()
-        server.start(timeout_s=900)
-        info["startup_s"] = time.perf_counter() - start
-        meter = CpuMeter(server.process.pid, client_separate=True)
+@dataclass
+class Target:
+    """A started target: how to send it a request, and what to measure it by."""
+
+    send: typing.Callable
+    meter: CpuMeter
+    engine_metrics: typing.Callable | None
+    pid: int  # the process tree whose resident memory is reported
+    startup_s: float
+
+
+def start_triton(stack: contextlib.AsyncExitStack, args) -> tuple[LocalServer, float]:
+    server = LocalServer.on_free_ports(
+        args.model_repository.resolve(), venv=args.venv.resolve(), log_file=args.out_dir.resolve() / "tritonserver.log"
+    )
+    start = time.perf_counter()
+    server.start(timeout_s=900)
+    stack.callback(server.stop)
+    return server, time.perf_counter() - start
+
+
+async def start_vllm_serve(stack: contextlib.AsyncExitStack, args, engine_args) -> tuple[subprocess.Popen, int, float]:
+    port = free_port()
+    log = stack.enter_context(open(args.out_dir / "vllm-serve.log", "wb"))
+    proc = subprocess.Popen(
+        vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, args.name, args.vllm_serve_args),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the engine arguments' worker extension is in triton_vllm_model
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    stack.callback(stop_process_group, proc.pid, 60)
+    start = time.perf_counter()
+    await wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
+    return proc, port, time.perf_counter() - start
+
+
+async def open_target(stack: contextlib.AsyncExitStack, target: str, args, engine_args, triton: dict) -> Target:
+    """Start ``target`` and register its shutdown on ``stack``. The Triton targets start one
+    server the first time and keep it in ``triton`` for the others."""
+    session_timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+
+    async def session():
+        connector = aiohttp.TCPConnector(limit=0)
+        return await stack.enter_async_context(aiohttp.ClientSession(timeout=session_timeout, connector=connector))
+
+    if target in TRITON_TARGETS:
+        if "server" not in triton:
+            triton["server"], triton["startup_s"] = start_triton(stack, args)
+        server = triton["server"]
+        extra_pids = []
+        if target == "triton-http":
+            send = triton_http_sender(await session(), f"{server.url}/v2/models/{args.name}/generate_stream", args.output_len)
+        elif target == "triton-grpc":
+            send = await stack.enter_async_context(
+                triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", args.name, args.output_len)
+            )
+        else:
+            service = OpenAIService(
+                f"127.0.0.1:{server.grpc_port}",
+                port=free_port(),
+                log_file=args.out_dir.resolve() / "openai.log",
+                workers=args.openai_workers,
+            ).start()
+            stack.callback(service.stop)
+            extra_pids.append(service.process.pid)
+            send = openai_sender(await session(), f"{service.url}/v1/completions", args.name, args.output_len)
         # The model publishes its metrics every quarter second.
-        engine_metrics = metrics_page_totals(f"http://127.0.0.1:{server.metrics_port}/metrics", settle_s=0.6)
-        try:
-            if target == "triton-http":
-                async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-                    url = f"{server.url}/v2/models/{name}/generate_stream"
-                    send = triton_http_sender(session, url, args.output_len)
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
-            elif target == "openai":
-                service = OpenAIService(
-                    f"127.0.0.1:{server.grpc_port}",
-                    port=free_port(),
-                    log_file=args.out_dir.resolve() / "openai.log",
-                    workers=args.openai_workers,
-                ).start()
-                try:
-                    meter = CpuMeter(server.process.pid, True, service.process.pid)
-                    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-                        send = openai_sender(session, f"{service.url}/v1/completions", name, args.output_len)
-                        rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
-                finally:
-                    service.stop()
-            else:
-                async with triton_grpc_sender(f"127.0.0.1:{server.grpc_port}", name, args.output_len) as send:
-                    rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
-            info["rss_mb"] = tree_rss_mb(server.process.pid)
-        finally:
-            server.stop()
-        return rows, info
+        metrics = metrics_page_totals(f"http://127.0.0.1:{server.metrics_port}/metrics", settle_s=0.6)
+        return Target(send, CpuMeter(server.process.pid, True, *extra_pids), metrics, server.process.pid, triton["startup_s"])
     if target == "engine":
         from vllm import AsyncEngineArgs, AsyncLLMEngine
         from vllm.usage.usage_lib import UsageContext
@@ -512,41 +541,61 @@ async def bench_target(target, args, engine_args, levels, prompts_for, progress)
         start = time.perf_counter()
         # The server defaults the model and `vllm serve` get (max_num_batched_tokens by GPU).
         engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args), usage_context=UsageContext.OPENAI_API_SERVER)
-        info["startup_s"] = time.perf_counter() - start
-        send = engine_sender(engine, args.output_len)
-        try:
-            meter = CpuMeter(os.getpid(), client_separate=False)
-            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, in_process_totals)
-            info["rss_mb"] = tree_rss_mb(os.getpid())
-        finally:
-            engine.shutdown()
-            # Collected at interpreter exit instead, its __del__ fails with a traceback.
-            del engine, send
+        startup_s = time.perf_counter() - start
+        stack.callback(engine.shutdown)
+        meter = CpuMeter(os.getpid(), client_separate=False)
+        return Target(engine_sender(engine, args.output_len), meter, in_process_totals, os.getpid(), startup_s)
+    proc, port, startup_s = await start_vllm_serve(stack, args, engine_args)
+    send = openai_sender(await session(), f"http://127.0.0.1:{port}/v1/completions", args.name, args.output_len)
+    metrics = metrics_page_totals(f"http://127.0.0.1:{port}/metrics")
+    return Target(send, CpuMeter(proc.pid, client_separate=True), metrics, proc.pid, startup_s)
+
+
+def server_info(target: Target) -> dict:
+    return {"startup_s": target.startup_s, "rss_mb": tree_rss_mb(target.pid)}
+
+
+async def rounds_one_target_at_a_time(targets, args, engine_args, levels, prompts_for, progress):
+    """Each round starts each target afresh, runs its levels and stops it, each round one target later."""
+    rounds, servers = [], {}
+    for round_no in range(args.repeat):
+        rows = []
+        for name in rotated(targets, round_no):
+            print(f"[{name}] starting{f' (round {round_no + 1} of {args.repeat})' if args.repeat > 1 else ''} ...", flush=True)
+            async with contextlib.AsyncExitStack() as stack:
+                target = await open_target(stack, name, args, engine_args, {})
+                await warm_up(target, prompts_for, args)
+                for concurrency, prompts in levels:
+                    rows.append(await measure(target, name, prompts, concurrency, progress))
+                servers.setdefault(name, server_info(target))
+            del target  # the in-process engine, held by its sender, is collected now, not at exit
             gc.collect()
-        return rows, info
-    port = free_port()
-    log = open(args.out_dir / "vllm-serve.log", "wb")
-    proc = subprocess.Popen(
-        vllm_serve_command(str(args.venv / "bin" / "python"), engine_args, port, name, args.vllm_serve_args),
-        env={**os.environ, "PYTHONPATH": str(ROOT)},  # the engine arguments' worker extension is in triton_vllm_model
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    start = time.perf_counter()
-    try:
-        await wait_http(f"http://127.0.0.1:{port}/health", proc, 900)
-        info["startup_s"] = time.perf_counter() - start
-        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-            send = openai_sender(session, f"http://127.0.0.1:{port}/v1/completions", name, args.output_len)
-            meter = CpuMeter(proc.pid, client_separate=True)
-            engine_metrics = metrics_page_totals(f"http://127.0.0.1:{port}/metrics")
-            rows = await sweep(target, send, prompts_for, levels, args, progress, meter, engine_metrics)
-        info["rss_mb"] = tree_rss_mb(proc.pid)
-    finally:
-        stop_process_group(proc.pid, 60)
-        log.close()
-    return rows, info
+        rounds.append(rows)
+    return rounds, servers
+
+
+async def rounds_interleaved(targets, args, engine_args, levels, prompts_for, progress):
+    """Every target started once (the Triton targets share one server); then each round runs
+    each level on every target in turn, each round one target later."""
+    rounds, started = [], {}
+    async with contextlib.AsyncExitStack() as stack:
+        triton = {}
+        for name in targets:
+            print(f"[{name}] starting ...", flush=True)
+            started[name] = await open_target(stack, name, args, engine_args, triton)
+        for target in started.values():
+            await warm_up(target, prompts_for, args)
+        for round_no in range(args.repeat):
+            print(f"round {round_no + 1} of {args.repeat}", flush=True)
+            rows = []
+            for concurrency, prompts in levels:
+                for name in rotated(targets, round_no):
+                    rows.append(await measure(started[name], name, prompts, concurrency, progress))
+            rounds.append(rows)
+        servers = {name: server_info(target) for name, target in started.items()}
+    started.clear()
+    gc.collect()
+    return rounds, servers
 
 
 # ---------------------------------------------------------------------- output
@@ -610,6 +659,23 @@ def ratios(rows: list[Row]) -> list[dict]:
     return out
 
 
+def ratios_by_round(rounds: list[list[Row]]) -> list[dict]:
+    """Per target, level and baseline: the target's tokens/s against the baseline's of the same
+    round, for every round, and their median. A machine's drift between rounds cancels out."""
+    runs = {}  # (target, concurrency, baseline) -> one ratio per round
+    for rows in rounds:
+        by = {(r.target, r.concurrency): r for r in rows}
+        for r in rows:
+            for base in BASELINES.get(r.target, ()):
+                b = by.get((base, r.concurrency))
+                if b and b.output_tok_s:
+                    runs.setdefault((r.target, r.concurrency, base), []).append(r.output_tok_s / b.output_tok_s)
+    return [
+        {"target": t, "concurrency": c, "baseline": base, "tok_s_median": statistics.median(v), "tok_s_by_round": v}
+        for (t, c, base), v in runs.items()
+    ]
+
+
 def plot(rows: list[Row], path: Path) -> bool:
     try:
         import matplotlib
@@ -663,9 +729,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="rounds over all targets, each server started afresh and each round starting one target later, so that a machine's "
-        "drift reaches every target alike; "
-        "per level the run with the median output tokens/s is reported, all runs' tokens/s are kept (default: %(default)s)",
+        help="rounds over all targets, each round starting one target later, so that a machine's drift reaches every target "
+        "alike (each server started afresh each round, unless --interleave); per level the run with the median output "
+        "tokens/s is reported, all runs' tokens/s are kept, and with more than one round each target's tokens/s against "
+        "its baselines' of the same round (default: %(default)s)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start every target once and keep them all up (the Triton targets share one server), then run each level on "
+        "every target in turn, round after round: targets measured minutes apart compare less well than targets measured "
+        "seconds apart. Needs memory for every engine at once: prepare the repository with a --gpu-memory-utilization "
+        "that leaves room for them",
     )
     p.add_argument("--warmup", type=int, default=8, help="warm-up requests per target, not measured (default: %(default)s)")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="environment with Triton and vLLM (default: %(default)s)")
@@ -705,6 +780,16 @@ async def main_async(args) -> int:
     environment = cpu_engine_environment(engine_args, len(os.sched_getaffinity(0)))
     for key, value in environment.items():
         os.environ.setdefault(key, value)
+    if args.interleave:
+        engines = any(t in TRITON_TARGETS for t in targets) + ("engine" in targets) + ("vllm-serve" in targets)
+        share = engine_args.get("gpu_memory_utilization", 0.9)  # vLLM's default
+        if engines * share > MEMORY_FOR_ENGINES:
+            print(
+                f"error: --interleave keeps {engines} engines up at once and model.json gives each gpu_memory_utilization "
+                f"{share}; prepare the repository with --gpu-memory-utilization {MEMORY_FOR_ENGINES / engines:.2f} or less",
+                file=sys.stderr,
+            )
+            return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
     total = sum(max(16, args.requests_per_level * c) for c in levels_c)
     pool = make_prompts(engine_args["model"], total + args.warmup, args.input_len, args.seed)
@@ -725,20 +810,12 @@ async def main_async(args) -> int:
             flush=True,
         )
 
-    rounds: list[list[Row]] = []
-    servers = {}
-    for round_no in range(1, args.repeat + 1):
-        rows = []
-        for target in rotated(targets, round_no - 1):
-            print(f"[{target}] starting{f' (round {round_no} of {args.repeat})' if args.repeat > 1 else ''} ...", flush=True)
-            target_rows, info = await bench_target(target, args, engine_args, levels, prompts_for, progress)
-            servers.setdefault(target, info)
-            print(
-                f"[{target}] start-up {info.get('startup_s', 0):.1f} s, resident memory {info.get('rss_mb', 0):.0f} MB",
-                flush=True,
-            )
-            rows += target_rows
-        rounds.append(rows)
+    if "engine" in targets:
+        # vLLM keeps an exception from its first import, and with it the frames that imported it: an engine one of
+        # them holds would live to the interpreter's exit, where its __del__ fails. Import it where none is held.
+        from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams  # noqa: F401
+    run_rounds = rounds_interleaved if args.interleave else rounds_one_target_at_a_time
+    rounds, servers = await run_rounds(targets, args, engine_args, levels, prompts_for, progress)
     rows = median_runs(rounds)
 
     result = {
@@ -748,6 +825,7 @@ async def main_async(args) -> int:
         "servers": servers,
         "rows": [asdict(r) for r in rows],
         "ratios": ratios(rows),
+        "ratios_by_round": ratios_by_round(rounds),
     }
     (args.out_dir / "benchmark.json").write_text(json.dumps(result, indent=2))
     print()
@@ -756,6 +834,11 @@ async def main_async(args) -> int:
     for r in result["ratios"]:
         parts = [f"{k}={v:.2f}" for k, v in r.items() if k not in ("target", "concurrency")]
         print(f"{r['target']:<12} c={r['concurrency']:<4} " + "  ".join(parts))
+    if args.repeat > 1:
+        print("\ntokens/s against the baseline of the same round: median (each round)")
+        for r in result["ratios_by_round"]:
+            each = " ".join(f"{v:.2f}" for v in r["tok_s_by_round"])
+            print(f"{r['target']:<12} c={r['concurrency']:<4} vs {r['baseline']:<12} {r['tok_s_median']:.2f} ({each})")
     for target, info in servers.items():
         print(f"{target:<12} start-up {info.get('startup_s', 0):.1f} s  resident {info.get('rss_mb', 0):.0f} MB")
     if plot(rows, args.out_dir / "benchmark.png"):

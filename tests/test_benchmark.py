@@ -75,6 +75,34 @@ def test_median_runs_pairs_each_target_and_level_across_rotated_rounds():
     assert [(r.target, r.output_tok_s, r.tok_s_runs) for r in medians] == [("a", 20, [10, 30, 20]), ("b", 200, [100, 300, 200])]
 
 
+def test_ratios_by_round_set_each_target_against_its_baseline_of_the_same_round():
+    def row(target, concurrency, tok_s):
+        return benchmark.summarize(target, concurrency, [benchmark.Sample(ttft=0.1, e2e=0.2, output_tokens=tok_s)], 1.0)
+
+    # the machine runs twice as fast in round 2: the ratios of each round stay what they are
+    rounds = [
+        [row("engine", 16, 100), row("triton-grpc", 16, 90), row("vllm-serve", 16, 120)],
+        [row("triton-grpc", 16, 200), row("engine", 16, 200), row("vllm-serve", 16, 180)],
+        [row("vllm-serve", 16, 100), row("engine", 16, 100), row("triton-grpc", 16, 80)],
+    ]
+    ratios = {(r["target"], r["baseline"]): r for r in benchmark.ratios_by_round(rounds)}
+    assert set(ratios) == {("triton-grpc", "engine"), ("triton-grpc", "vllm-serve")}
+    assert ratios["triton-grpc", "engine"]["tok_s_by_round"] == pytest.approx([0.9, 1.0, 0.8])
+    assert ratios["triton-grpc", "engine"]["tok_s_median"] == pytest.approx(0.9)
+    assert ratios["triton-grpc", "vllm-serve"]["tok_s_by_round"] == pytest.approx([0.75, 200 / 180, 0.8])
+
+
+def test_interleave_refuses_engines_that_do_not_fit_in_memory_together(tmp_path):
+    version = tmp_path / "repo" / MODEL / "1"
+    version.mkdir(parents=True)
+    (version / "model.json").write_text(json.dumps({"model": "weights", "gpu_memory_utilization": 0.4}))
+    flags = ["--model-repository", str(tmp_path / "repo"), "--out-dir", str(tmp_path / "out"), "--interleave"]
+    done = run_script("benchmarks/benchmark.py", *flags, "--targets", "triton-grpc,engine,vllm-serve", timeout=120)
+    assert done.returncode == 2
+    assert "3 engines" in done.stderr and "--gpu-memory-utilization 0.30" in done.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
 def totals(page: str) -> dict:
     return benchmark.metric_totals(text_string_to_metric_families(page))
 
@@ -160,24 +188,29 @@ def test_grpc_sender_reports_the_servers_error(server):
     assert "no-such-model" in sample.error
 
 
-@pytest.mark.slow
-def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
+def run_benchmark(repository, out_dir, *flags):
     done = run_script(
         "benchmarks/benchmark.py",
-        "--model-repository", str(tiny_repository),
-        "--targets", "triton-grpc,openai,engine,vllm-serve",  # the HTTP sender is tested above
+        "--model-repository", str(repository),
         "--concurrency", "2",
         "--requests-per-level", "8",
         "--output-len", str(OUTPUT_LEN),
         "--warmup", "2",
         "--repeat", "2",
         "--venv", os.environ.get("TEST_VENV", str(ROOT / ".venv")),
-        "--out-dir", str(tmp_path),
+        "--out-dir", str(out_dir),
+        *flags,
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    result = json.loads((tmp_path / "benchmark.json").read_text())
+    return done, json.loads((out_dir / "benchmark.json").read_text())
+
+
+@pytest.mark.slow
+def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
+    # the HTTP sender is tested above
+    done, result = run_benchmark(tiny_repository, tmp_path, "--targets", "triton-grpc,openai,engine,vllm-serve", "--interleave")
     rows = {r["target"]: r for r in result["rows"]}
     assert sorted(rows) == ["engine", "openai", "triton-grpc", "vllm-serve"]
     for row in rows.values():
@@ -193,13 +226,35 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
     ratios = {r["target"]: r for r in result["ratios"]}
     assert {"tok_s_vs_engine", "tok_s_vs_vllm-serve", "ttft_vs_vllm-serve", "itl_vs_vllm-serve"} <= set(ratios["triton-grpc"])
     assert {"tok_s_vs_triton-grpc", "tok_s_vs_vllm-serve"} <= set(ratios["openai"])
+    by_round = {(r["target"], r["baseline"]): r for r in result["ratios_by_round"]}
+    assert len(by_round["triton-grpc", "engine"]["tok_s_by_round"]) == 2
+    assert len(by_round["openai", "triton-grpc"]["tok_s_by_round"]) == 2
     for target, info in result["servers"].items():
         assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
+    assert result["servers"]["openai"]["startup_s"] == result["servers"]["triton-grpc"]["startup_s"]  # one Triton server
+    assert done.stdout.count("starting ...") == 4  # each target started once, not once a round
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout and "eng TPOT" in done.stdout
     if DEVICE == "cpu":  # every target's engine process asked for AMX, as the model's does
         assert "AMX tile permission" in done.stdout + done.stderr
         assert "AMX tile permission" in (tmp_path / "vllm-serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_rounds_start_each_target_afresh_one_target_later_each_round(tiny_repository, tmp_path):
+    done, result = run_benchmark(tiny_repository, tmp_path, "--targets", "engine,triton-grpc")
+    starts = [line for line in done.stdout.splitlines() if line.startswith("[") and "starting" in line]
+    assert starts == [
+        "[engine] starting (round 1 of 2) ...",
+        "[triton-grpc] starting (round 1 of 2) ...",
+        "[triton-grpc] starting (round 2 of 2) ...",
+        "[engine] starting (round 2 of 2) ...",
+    ]
+    for row in result["rows"]:
+        assert row["failed"] == 0 and len(row["tok_s_runs"]) == 2, row
+    (ratios,) = result["ratios_by_round"]
+    assert (ratios["target"], ratios["baseline"], len(ratios["tok_s_by_round"])) == ("triton-grpc", "engine", 2)
+    assert "against the baseline of the same round" in done.stdout
 
 
 @pytest.mark.parametrize("flags", [["--repeat", "0"], ["--targets", "triton-grpc,nonsense"]])
