@@ -23,6 +23,8 @@ results/benchmark.json and, when matplotlib is installed, results/benchmark.png.
 
   .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
   .venv/bin/python benchmarks/benchmark.py --concurrency 1,16,64,256 --venv /root/venv   # GPU
+  .venv/bin/python benchmarks/benchmark.py --concurrency 16,64,256 --repeat 5 --interleave  # GPU, every
+      target up at once (the repository prepared with --gpu-memory-utilization 0.25)
 """
 
 from __future__ import annotations
