@@ -585,8 +585,8 @@ async def rounds_interleaved(targets, args, engine_args, levels, prompts_for, pr
         for name in targets:
             print(f"[{name}] starting ...", flush=True)
             started[name] = await open_target(stack, name, args, engine_args, triton)
-        for target in started.values():
-            await warm_up(target, prompts_for, args)
+        for name in targets:
+            await warm_up(started[name], prompts_for, args)
         for round_no in range(args.repeat):
             print(f"round {round_no + 1} of {args.repeat}", flush=True)
             rows = []
