@@ -666,12 +666,10 @@ def ratios_by_round(rounds: list[list[Row]]) -> list[dict]:
     round, for every round, and their median. A machine's drift between rounds cancels out."""
     runs = {}  # (target, concurrency, baseline) -> one ratio per round
     for rows in rounds:
-        by = {(r.target, r.concurrency): r for r in rows}
-        for r in rows:
-            for base in BASELINES.get(r.target, ()):
-                b = by.get((base, r.concurrency))
-                if b and b.output_tok_s:
-                    runs.setdefault((r.target, r.concurrency, base), []).append(r.output_tok_s / b.output_tok_s)
+        for entry in ratios(rows):
+            for base in BASELINES[entry["target"]]:
+                if f"tok_s_vs_{base}" in entry:
+                    runs.setdefault((entry["target"], entry["concurrency"], base), []).append(entry[f"tok_s_vs_{base}"])
     return [
         {"target": t, "concurrency": c, "baseline": base, "tok_s_median": statistics.median(v), "tok_s_by_round": v}
         for (t, c, base), v in runs.items()
