@@ -72,6 +72,19 @@ def test_streamed_completion_equals_the_whole_one(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_a_stream_is_server_sent_events_that_proxies_pass_on_unbuffered(openai_service):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 5, "stream": True, **LONG}
+    with requests.post(f"{openai_service.url}/v1/completions", json=body, stream=True, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no" and response.headers["cache-control"] == "no-store"
+        events = response.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_streamed_chat_equals_the_whole_one(client):
     args = dict(
         model=MODEL, messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=24, temperature=0, extra_body=LONG
