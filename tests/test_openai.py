@@ -242,6 +242,20 @@ def test_a_client_leaving_a_stream_cancels_it_on_triton(server, client):
     assert wait_for(lambda: idle(server), 2.0), "the engine still works for a client that left"
 
 
+def test_stopping_the_service_ends_its_streams_and_cancels_them_on_triton(server, tmp_path):
+    service = OpenAIService(f"{server.host}:{server.grpc_port}", port=free_port(), log_file=tmp_path / "openai.log")
+    client = openai.OpenAI(base_url=f"{service.start().url}/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model=MODEL, prompt="Go", max_tokens=2000, stream=True, extra_body=LONG)
+    chunks = iter(stream)
+    next(chunks)
+    assert wait_for(lambda: busy(server), 5.0), "/metrics never showed the request"
+    assert service.stop() == signal.SIGTERM, "the service did not exit on SIGTERM: it was killed"
+    with pytest.raises(openai.APIError):  # the stream ends without its last chunk
+        for chunk in chunks:
+            assert chunk.choices[0].finish_reason is None, "the stream was let finish"
+    assert wait_for(lambda: idle(server), 2.0), "the engine still works for a stream of a stopped service"
+
+
 def test_a_client_leaving_a_whole_answer_cancels_it_on_triton(server, openai_service):
     body = {"model": MODEL, "prompt": "Go", "max_tokens": 2000, "ignore_eos": True}
     with pytest.raises(requests.Timeout):

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
         log_level=args.log_level,
         loop="uvloop",
         access_log=False,
+        # A stop cancels the requests in flight at once (and so on Triton) instead of waiting for them.
+        timeout_graceful_shutdown=0,
     )
     return 0
 
