@@ -34,7 +34,7 @@ Options:
   -h, --help     show this help
 
 Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002), OPENAI_PORT (9000),
-OPENAI_WORKERS (1: processes of the OpenAI API; more use more cores under many streams),
+OPENAI_WORKERS (processes of the OpenAI API; 4 where nvidia-smi lists a GPU, else 1),
 TRITON_IMAGE (docker image), TRITON_API_KEY, OPENAI_API_KEY, MODEL_REPOSITORY
 (model_repository), LOG_DIR (logs: logs and pid files).
 Exit codes: 0 serving (or stopped), 1 the server or the OpenAI API failed to start,
@@ -47,7 +47,13 @@ HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
 OPENAI_PORT=${OPENAI_PORT:-9000}
-OPENAI_WORKERS=${OPENAI_WORKERS:-1}
+# One API process keeps pace with an engine on the CPU; beside a GPU engine it is the limit
+# at 64 streams (docs/benchmarks.md, "The OpenAI API").
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  OPENAI_WORKERS=${OPENAI_WORKERS:-4}
+else
+  OPENAI_WORKERS=${OPENAI_WORKERS:-1}
+fi
 TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.08-vllm-python-py3}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 API_KEY=${TRITON_API_KEY:-}

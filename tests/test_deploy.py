@@ -249,7 +249,8 @@ def test_compose_matches_the_compose_spec():
     assert device["driver"] == "nvidia" and device["count"] == 1
     assert {p.rsplit(":", 1)[1] for p in triton["ports"]} == {"8000", "8001", "8002"}
     assert triton["shm_size"] and "../../model_repository:/models" in triton["volumes"]
-    assert "--triton-url=triton:8001" in spec["services"]["openai"]["command"]
+    openai = openai_args(spec["services"]["openai"]["command"][3:])
+    assert (openai.triton_url, openai.workers) == ("triton:8001", 4)
     for service in spec["services"].values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]

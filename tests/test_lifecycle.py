@@ -92,6 +92,22 @@ def test_start_script_starts_the_openai_api_unless_told_not_to(tiny_repository, 
     assert ("serving.openai_api.service start" in dry.stdout) == starts_openai
 
 
+@pytest.mark.parametrize("gpu, workers", [(False, "1"), (True, "4")])
+def test_start_script_runs_four_openai_processes_beside_a_gpu(tiny_repository, tmp_path, monkeypatch, gpu, workers):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    nvidia_smi = bin_dir / "nvidia-smi"  # lists a GPU, or fails as it does on a machine without a driver
+    nvidia_smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3'\n" if gpu else "#!/bin/sh\nexit 9\n")
+    nvidia_smi.chmod(0o755)
+    env = {"MODEL_REPOSITORY": str(tiny_repository), "LOG_DIR": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    monkeypatch.delenv("OPENAI_WORKERS", raising=False)
+    dry = start_script("--mode", "local", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert f"--workers {workers} " in dry.stdout
+    dry = start_script("--mode", "local", "--dry-run", env={**env, "OPENAI_WORKERS": "2"})
+    assert "--workers 2 " in dry.stdout
+
+
 @pytest.mark.slow
 def test_start_script_serves_triton_and_openai_then_stop_ends_both(tiny_repository, tmp_path):
     ports = {name: free_port() for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "OPENAI_PORT")}
