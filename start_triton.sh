@@ -47,13 +47,6 @@ HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
 OPENAI_PORT=${OPENAI_PORT:-9000}
-# One API process keeps pace with an engine on the CPU; beside a GPU engine it is the limit
-# at 64 streams (docs/benchmarks.md, "The OpenAI API").
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  OPENAI_WORKERS=${OPENAI_WORKERS:-4}
-else
-  OPENAI_WORKERS=${OPENAI_WORKERS:-1}
-fi
 TRITON_IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.08-vllm-python-py3}
 MODEL_REPOSITORY=${MODEL_REPOSITORY:-model_repository}
 API_KEY=${TRITON_API_KEY:-}
@@ -94,9 +87,12 @@ run() {
   if [[ $dry_run -eq 0 ]]; then "$@"; fi
 }
 
+have_gpu() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+
 have_docker_gpu() {
-  command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 &&
-    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+  command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 && have_gpu
 }
 
 stop_all() {
@@ -174,8 +170,12 @@ start_local() {
 }
 
 start_openai() {
+  # One API process keeps pace with an engine on the CPU; beside a GPU engine it is the limit
+  # at 64 streams (docs/benchmarks.md, "The OpenAI API").
+  local workers=${OPENAI_WORKERS:-1}
+  if [[ -z ${OPENAI_WORKERS:-} ]] && have_gpu; then workers=4; fi
   local args=(--triton-url "127.0.0.1:$GRPC_PORT" --host "$host" --port "$OPENAI_PORT"
-    --workers "$OPENAI_WORKERS" --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
+    --workers "$workers" --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--triton-api-key "$API_KEY"); fi
   OPENAI_API_KEY=$OPENAI_KEY run "$PY" -m serving.openai_api.service start "${args[@]}"
 }
