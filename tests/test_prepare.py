@@ -18,7 +18,7 @@ def test_tiny_builds_a_complete_model_repository(tiny_repository):
     model = tiny_repository / MODEL
     config = (model / "config.pbtxt").read_text()
     assert config.count("decoupled: true") == 1
-    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" }' in config
+    assert 'key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "500" }' in config
     assert 'key: "SENDER_THREADS", value: { string_value: "0" }' in config
     assert (model / "1" / "model.py").read_text().startswith('"""Triton Python-backend model')
     engine = json.loads((model / "1" / "model.json").read_text())

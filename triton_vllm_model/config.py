@@ -21,7 +21,7 @@ SENDER_THREADS = "SENDER_THREADS"
 # per engine output). The Python backend pays a round trip between processes for
 # each response; see docs/streaming.md. prepare_qwen_pt.py writes
 # it into config.pbtxt; the model uses it for a config.pbtxt without the parameter.
-DEFAULT_MAX_RESPONSES_PER_SECOND = 2000
+DEFAULT_MAX_RESPONSES_PER_SECOND = 500
 
 LOG_PREFIX = "[vllm]"  # the model's log lines
 

@@ -12,9 +12,9 @@ UNI = {"distributed_executor_backend": "uni"}
 
 
 def test_response_budget_defaults():
-    assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 2000  # a config.pbtxt without the parameter
+    assert config.DEFAULT_MAX_RESPONSES_PER_SECOND == 500  # a config.pbtxt without the parameter
     assert model_config.MAX_RESPONSES_PER_SECOND == {"gpu": 0, "cpu": config.DEFAULT_MAX_RESPONSES_PER_SECOND}
-    assert f"{config.DEFAULT_MAX_RESPONSES_PER_SECOND:g}" == "2000"
+    assert f"{config.DEFAULT_MAX_RESPONSES_PER_SECOND:g}" == "500"
     assert model_config.SENDER_THREADS == {"gpu": 4, "cpu": 0}  # used where the budget is 0
 
 
@@ -28,7 +28,7 @@ def test_file_and_parameter_names():
     assert (config.ENGINE_ARGS_FILE, config.LORA_FILE) == ("model.json", "multi_lora.json")
     pbtxt = model_config.config_pbtxt("m")
     assert 'parameters: { key: "REPORT_CUSTOM_METRICS", value: { string_value: "true" } }' in pbtxt
-    assert 'parameters: { key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "2000" } }' in pbtxt
+    assert 'parameters: { key: "MAX_RESPONSES_PER_SECOND", value: { string_value: "500" } }' in pbtxt
     assert config.REPORT_CUSTOM_METRICS in pbtxt and config.MAX_RESPONSES_PER_SECOND in pbtxt
     assert "instance_group [{ count: 1, kind: KIND_MODEL }]" in pbtxt
 
