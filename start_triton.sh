@@ -36,7 +36,9 @@ Options:
 Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002), OPENAI_PORT (9000),
 OPENAI_WORKERS (processes of the OpenAI API; 4 where nvidia-smi lists a GPU, else 1),
 TRITON_IMAGE (docker image), TRITON_API_KEY, OPENAI_API_KEY, MODEL_REPOSITORY
-(model_repository), LOG_DIR (logs: logs and pid files).
+(model_repository), LOG_DIR (logs: logs and pid files), BATCH_SCHEDULING (local
+mode: 1 runs tritonserver and the engine under Linux's SCHED_BATCH policy, 0 does
+not; by default on where nvidia-smi lists no GPU, i.e. a CPU engine).
 Exit codes: 0 serving (or stopped), 1 the server or the OpenAI API failed to start,
 2 bad usage.
 EOF
@@ -57,6 +59,11 @@ LOG=$LOG_DIR/tritonserver.log
 PID_FILE=$LOG_DIR/tritonserver.pid
 OPENAI_PID_FILE=$LOG_DIR/openai.pid
 PY=.venv/bin/python
+BATCH_SCHEDULING=${BATCH_SCHEDULING:-}
+if [[ ! $BATCH_SCHEDULING =~ ^[01]?$ ]]; then
+  echo "start_triton.sh: BATCH_SCHEDULING must be 1 or 0, not '$BATCH_SCHEDULING'" >&2
+  exit 2
+fi
 
 mode=auto
 host=127.0.0.1
@@ -166,6 +173,10 @@ start_local() {
   local args=(--model-repository "$MODEL_REPOSITORY" --host "$host" --http-port "$HTTP_PORT"
     --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --log-file "$LOG" --pid-file "$PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--api-key "$API_KEY"); fi
+  case $BATCH_SCHEDULING in
+    1) args+=(--batch-scheduling) ;;
+    0) args+=(--no-batch-scheduling) ;;
+  esac
   run "$PY" -m serving.tritonserver start "${args[@]}"
 }
 

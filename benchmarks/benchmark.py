@@ -18,7 +18,7 @@ output tokens/s and requests/s; the engine's own mean TPOT, from vLLM's metrics
 (taken from the engine core's timestamps, so it tells the engine's pace apart
 from the delivery's) and its steps per level, with the share that ran a prefill
 beside the decodes (a step with more tokens than streams); plus each server's
-start-up time to ready and resident memory. Prints a table, writes
+start-up time to ready, resident memory and CPU scheduling policy. Prints a table, writes
 results/benchmark.json and, when matplotlib is installed, results/benchmark.png.
 
   .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
@@ -479,7 +479,10 @@ class Target:
 
 def start_triton(stack: contextlib.AsyncExitStack, args) -> tuple[LocalServer, float]:
     server = LocalServer.on_free_ports(
-        args.model_repository.resolve(), venv=args.venv.resolve(), log_file=args.out_dir.resolve() / "tritonserver.log"
+        args.model_repository.resolve(),
+        venv=args.venv.resolve(),
+        log_file=args.out_dir.resolve() / "tritonserver.log",
+        batch_scheduling=args.batch_scheduling,
     )
     start = time.perf_counter()
     server.start(timeout_s=900)
@@ -553,8 +556,12 @@ async def open_target(stack: contextlib.AsyncExitStack, target: str, args, engin
     return Target(send, CpuMeter(proc.pid, client_separate=True), metrics, proc.pid, startup_s)
 
 
+SCHEDULING_POLICIES = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_BATCH: "SCHED_BATCH", os.SCHED_IDLE: "SCHED_IDLE"}
+
+
 def server_info(target: Target) -> dict:
-    return {"startup_s": target.startup_s, "rss_mb": tree_rss_mb(target.pid)}
+    policy = SCHEDULING_POLICIES.get(os.sched_getscheduler(target.pid), "real-time")
+    return {"startup_s": target.startup_s, "rss_mb": tree_rss_mb(target.pid), "policy": policy}
 
 
 async def rounds_one_target_at_a_time(targets, args, engine_args, levels, prompts_for, progress):
@@ -752,6 +759,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--openai-workers", type=int, default=1, help="processes of the OpenAI API for the openai target (default: %(default)s)"
     )
     p.add_argument(
+        "--batch-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the Triton targets' server under Linux's SCHED_BATCH policy, as start_triton.sh does (default: as "
+        "start_triton.sh, on where no NVIDIA GPU answers nvidia-smi); the other targets run as they are",
+    )
+    p.add_argument(
         "--vllm-serve-args",
         default="",
         help="more arguments for the vllm-serve target, e.g. '--api-server-count 4' (default: none)",
@@ -840,7 +854,7 @@ async def main_async(args) -> int:
             each = " ".join(f"{v:.2f}" for v in r["tok_s_by_round"])
             print(f"{r['target']:<12} c={r['concurrency']:<4} vs {r['baseline']:<12} {r['tok_s_median']:.2f} ({each})")
     for target, info in servers.items():
-        print(f"{target:<12} start-up {info.get('startup_s', 0):.1f} s  resident {info.get('rss_mb', 0):.0f} MB")
+        print(f"{target:<12} start-up {info['startup_s']:.1f} s  resident {info['rss_mb']:.0f} MB  {info['policy']}")
     if plot(rows, args.out_dir / "benchmark.png"):
         print(f"\nwrote {args.out_dir / 'benchmark.json'} and {args.out_dir / 'benchmark.png'}")
     else:

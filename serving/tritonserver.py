@@ -28,6 +28,8 @@ from pathlib import Path
 
 import requests
 
+from serving.model_config import detect_device
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = PROJECT_ROOT / ".venv"
 DEFAULT_LOG = PROJECT_ROOT / "logs" / "tritonserver.log"
@@ -38,6 +40,19 @@ WHEEL_LIBS = "nvidia_pytriton.libs/"
 # with them and Triton's GPU metrics on, the engine core stepped slower on a GPU (docs/benchmarks.md).
 # start_triton.sh's Docker mode and deploy/ pass the same flags.
 UNUSED_GPU_FEATURES_OFF = ("--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0")
+
+
+def batch_scheduled(command: list[str]) -> list[str]:
+    """``command`` under Linux's SCHED_BATCH policy, which its child processes inherit.
+
+    On the CPU the engine core shares a few cores with tritonserver and the model's
+    stubs. Under SCHED_BATCH a thread that wakes up waits for the running thread's time
+    slice instead of preempting it, so the engine core keeps its CPU for longer
+    (docs/benchmarks.md, "SCHED_BATCH on the CPU"). Without ``chrt`` (util-linux) the
+    command runs as it is.
+    """
+    chrt = shutil.which("chrt")
+    return [chrt, "--batch", "0", *command] if chrt else command
 
 
 class ServerError(RuntimeError):
@@ -90,6 +105,7 @@ class LocalServer:
     api_key: str = ""
     exit_timeout_s: int = 30
     extra_args: list[str] = field(default_factory=list)
+    batch_scheduling: bool | None = None  # SCHED_BATCH (see batch_scheduled); None: when the engine runs on the CPU
     process: subprocess.Popen | None = None
 
     @classmethod
@@ -124,7 +140,8 @@ class LocalServer:
         if self.api_key:
             restricted = f"model-repository,shared-memory,trace,logging:x-triton-key={self.api_key}"
             cmd += [f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}"]
-        return cmd + self.extra_args
+        cmd += self.extra_args
+        return batch_scheduled(cmd) if self.batch_scheduling else cmd
 
     def environment(self) -> dict[str, str]:
         """The stub embeds the first ``python3`` on PATH: make it the venv's."""
@@ -146,6 +163,8 @@ class LocalServer:
                     f"port {port} on {self.host} is already in use: stop the other server "
                     "(./start_triton.sh --stop) or choose other ports (HTTP_PORT, GRPC_PORT, METRICS_PORT)"
                 )
+        if self.batch_scheduling is None:
+            self.batch_scheduling = detect_device() == "cpu"
         print("starting:", " ".join(self.command()), file=sys.stderr)
         self.process = start_logged(self.command(), self.log_file, self.environment())
         try:
@@ -338,6 +357,7 @@ def _cli_start(args: argparse.Namespace) -> int:
         venv=args.venv.resolve(),
         log_file=args.log_file.resolve(),
         api_key=args.api_key,
+        batch_scheduling=args.batch_scheduling,
     )
     try:
         server.start(args.timeout)
@@ -382,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="where to record the server's pid")
     p.add_argument("--api-key", default="", help="key that guards the model-control and shared-memory APIs")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for readiness")
+    p.add_argument(
+        "--batch-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run tritonserver, the model's processes and the engine under Linux's SCHED_BATCH policy, so that "
+        "waking threads do not preempt the engine core (default: on where no NVIDIA GPU answers nvidia-smi, "
+        "i.e. an engine on the CPU)",
+    )
 
     p = sub.add_parser("stop", help="stop the server recorded in the pid file")
     p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="pid file written by start")

@@ -232,6 +232,9 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
     for target, info in result["servers"].items():
         assert info["startup_s"] > 0 and info["rss_mb"] > 100, target
     assert result["servers"]["openai"]["startup_s"] == result["servers"]["triton-grpc"]["startup_s"]  # one Triton server
+    # Triton runs under SCHED_BATCH on the CPU, as start_triton.sh starts it; the baselines as vLLM starts them
+    assert result["servers"]["triton-grpc"]["policy"] == ("SCHED_BATCH" if DEVICE == "cpu" else "SCHED_OTHER")
+    assert result["servers"]["engine"]["policy"] == result["servers"]["vllm-serve"]["policy"] == "SCHED_OTHER"
     assert done.stdout.count("starting ...") == 4  # each target started once, not once a round
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
     assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout and "eng TPOT" in done.stdout

@@ -108,6 +108,21 @@ def test_start_script_runs_four_openai_processes_beside_a_gpu(tiny_repository, t
     assert "--workers 2 " in dry.stdout
 
 
+@pytest.mark.parametrize("value, flag", [("1", " --batch-scheduling"), ("0", " --no-batch-scheduling"), ("", "")])
+def test_start_script_passes_batch_scheduling_to_the_local_server(tiny_repository, tmp_path, value, flag):
+    env = {"MODEL_REPOSITORY": str(tiny_repository), "LOG_DIR": str(tmp_path), "BATCH_SCHEDULING": value}
+    dry = start_script("--mode", "local", "--dry-run", "--no-openai", env=env)
+    assert dry.returncode == 0, dry.stderr
+    start = next(line for line in dry.stdout.splitlines() if "serving.tritonserver start" in line)
+    assert start.endswith(f"--pid-file {tmp_path}/tritonserver.pid{flag}")
+
+
+def test_start_script_refuses_a_bad_batch_scheduling_value(tmp_path):
+    bad = start_script("--mode", "local", "--dry-run", env={"BATCH_SCHEDULING": "yes", "LOG_DIR": str(tmp_path)})
+    assert bad.returncode == 2
+    assert "BATCH_SCHEDULING must be 1 or 0, not 'yes'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_start_script_serves_triton_and_openai_then_stop_ends_both(tiny_repository, tmp_path):
     ports = {name: free_port() for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "OPENAI_PORT")}

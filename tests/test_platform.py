@@ -1,8 +1,10 @@
-"""The platform under the model: a fresh engine's first forward pass (Intel AMX)
-and the vLLM version the server runs."""
+"""The platform under the model: a fresh engine's first forward pass (Intel AMX),
+the CPU scheduling policy of the server's processes and the vLLM version the server runs."""
 
+import os
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from helpers import MODEL, SERVER_VENV, start_server, vllm_version
@@ -43,6 +45,18 @@ def test_the_engine_process_asks_for_amx(fresh_server):
     assert lines, "the engine process did not load the AMX worker extension"
     if "amx_tile" in Path("/proc/cpuinfo").read_text():
         assert all(line.endswith(": granted") for line in lines), lines
+
+
+@pytest.mark.cpu
+def test_the_server_and_its_engine_run_under_sched_batch_on_the_cpu(fresh_server):
+    server = psutil.Process(fresh_server.process.pid)
+    processes = [server, *server.children(recursive=True)]
+    names = [p.name() for p in processes]
+    assert names[0] == "tritonserver" and "triton_python_backend_stub" in names, names
+    assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p in processes), [p.cmdline()[:1] for p in processes]
+    for process in processes:
+        policies = {os.sched_getscheduler(thread.id) for thread in process.threads()}
+        assert policies == {os.SCHED_BATCH}, (process.name(), policies)
 
 
 def test_the_model_logs_the_vllm_version_it_runs_on(fresh_server):
