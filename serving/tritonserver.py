@@ -165,8 +165,9 @@ class LocalServer:
                 )
         if self.batch_scheduling is None:
             self.batch_scheduling = detect_device() == "cpu"
-        print("starting:", " ".join(self.command()), file=sys.stderr)
-        self.process = start_logged(self.command(), self.log_file, self.environment())
+        command = self.command()
+        print("starting:", " ".join(command), file=sys.stderr)
+        self.process = start_logged(command, self.log_file, self.environment())
         try:
             self.wait_ready(timeout_s)
         except BaseException:
