@@ -36,9 +36,10 @@ Options:
 Environment: HTTP_PORT (8000), GRPC_PORT (8001), METRICS_PORT (8002), OPENAI_PORT (9000),
 OPENAI_WORKERS (processes of the OpenAI API; 4 where nvidia-smi lists a GPU, else 1),
 TRITON_IMAGE (docker image), TRITON_API_KEY, OPENAI_API_KEY, MODEL_REPOSITORY
-(model_repository), LOG_DIR (logs: logs and pid files), BATCH_SCHEDULING (local
-mode: 1 runs tritonserver and the engine under Linux's SCHED_BATCH policy, 0 does
-not; by default on where nvidia-smi lists no GPU, i.e. a CPU engine).
+(model_repository), LOG_DIR (logs: logs and pid files), BATCH_SCHEDULING (1 runs
+the OpenAI API and, in local mode, tritonserver and the engine under Linux's
+SCHED_BATCH policy, 0 does not; by default on where nvidia-smi lists no GPU, i.e.
+a CPU engine).
 Exit codes: 0 serving (or stopped), 1 the server or the OpenAI API failed to start,
 2 bad usage.
 EOF
@@ -64,6 +65,11 @@ if [[ ! $BATCH_SCHEDULING =~ ^[01]?$ ]]; then
   echo "start_triton.sh: BATCH_SCHEDULING must be 1 or 0, not '$BATCH_SCHEDULING'" >&2
   exit 2
 fi
+case $BATCH_SCHEDULING in
+  1) batch_scheduling=(--batch-scheduling) ;;
+  0) batch_scheduling=(--no-batch-scheduling) ;;
+  *) batch_scheduling=() ;;
+esac
 
 mode=auto
 host=127.0.0.1
@@ -173,11 +179,7 @@ start_local() {
   local args=(--model-repository "$MODEL_REPOSITORY" --host "$host" --http-port "$HTTP_PORT"
     --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" --log-file "$LOG" --pid-file "$PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--api-key "$API_KEY"); fi
-  case $BATCH_SCHEDULING in
-    1) args+=(--batch-scheduling) ;;
-    0) args+=(--no-batch-scheduling) ;;
-  esac
-  run "$PY" -m serving.tritonserver start "${args[@]}"
+  run "$PY" -m serving.tritonserver start "${args[@]}" "${batch_scheduling[@]}"
 }
 
 start_openai() {
@@ -188,7 +190,7 @@ start_openai() {
   local args=(--triton-url "127.0.0.1:$GRPC_PORT" --host "$host" --port "$OPENAI_PORT"
     --workers "$workers" --log-file "$LOG_DIR/openai.log" --pid-file "$OPENAI_PID_FILE")
   if [[ -n "$API_KEY" ]]; then args+=(--triton-api-key "$API_KEY"); fi
-  OPENAI_API_KEY=$OPENAI_KEY run "$PY" -m serving.openai_api.service start "${args[@]}"
+  OPENAI_API_KEY=$OPENAI_KEY run "$PY" -m serving.openai_api.service start "${args[@]}" "${batch_scheduling[@]}"
 }
 
 if [[ $action == stop ]]; then

@@ -532,6 +532,7 @@ async def open_target(stack: contextlib.AsyncExitStack, target: str, args, engin
                 port=free_port(),
                 log_file=args.out_dir.resolve() / "openai.log",
                 workers=args.openai_workers,
+                batch_scheduling=args.batch_scheduling,
             ).start()
             stack.callback(service.stop)
             extra_pids.append(service.process.pid)
@@ -762,8 +763,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--batch-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="run the Triton targets' server under Linux's SCHED_BATCH policy, as start_triton.sh does (default: as "
-        "start_triton.sh, on where no NVIDIA GPU answers nvidia-smi); the other targets run as they are",
+        help="run the Triton targets' server and the OpenAI API under Linux's SCHED_BATCH policy, as start_triton.sh "
+        "does (default: as start_triton.sh, on where no NVIDIA GPU answers nvidia-smi); the other targets run as they are",
     )
     p.add_argument(
         "--vllm-serve-args",

@@ -55,6 +55,11 @@ def batch_scheduled(command: list[str]) -> list[str]:
     return [chrt, "--batch", "0", *command] if chrt else command
 
 
+def batch_scheduling_by_default() -> bool:
+    """SCHED_BATCH where the engine runs on the CPU, i.e. where nvidia-smi lists no GPU."""
+    return detect_device() == "cpu"
+
+
 class ServerError(RuntimeError):
     """The server could not be started, or died while starting."""
 
@@ -164,7 +169,7 @@ class LocalServer:
                     "(./start_triton.sh --stop) or choose other ports (HTTP_PORT, GRPC_PORT, METRICS_PORT)"
                 )
         if self.batch_scheduling is None:
-            self.batch_scheduling = detect_device() == "cpu"
+            self.batch_scheduling = batch_scheduling_by_default()
         command = self.command()
         print("starting:", " ".join(command), file=sys.stderr)
         self.process = start_logged(command, self.log_file, self.environment())

@@ -109,12 +109,15 @@ def test_start_script_runs_four_openai_processes_beside_a_gpu(tiny_repository, t
 
 
 @pytest.mark.parametrize("value, flag", [("1", " --batch-scheduling"), ("0", " --no-batch-scheduling"), ("", "")])
-def test_start_script_passes_batch_scheduling_to_the_local_server(tiny_repository, tmp_path, value, flag):
+def test_start_script_passes_batch_scheduling_to_the_server_and_the_openai_api(tiny_repository, tmp_path, value, flag):
     env = {"MODEL_REPOSITORY": str(tiny_repository), "LOG_DIR": str(tmp_path), "BATCH_SCHEDULING": value}
-    dry = start_script("--mode", "local", "--dry-run", "--no-openai", env=env)
+    dry = start_script("--mode", "local", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
-    start = next(line for line in dry.stdout.splitlines() if "serving.tritonserver start" in line)
-    assert start.endswith(f"--pid-file {tmp_path}/tritonserver.pid{flag}")
+    lines = dry.stdout.splitlines()
+    server = next(line for line in lines if "serving.tritonserver start" in line)
+    assert server.endswith(f"--pid-file {tmp_path}/tritonserver.pid{flag}")
+    openai = next(line for line in lines if "serving.openai_api.service start" in line)
+    assert openai.endswith(f"--pid-file {tmp_path}/openai.pid{flag}")
 
 
 def test_start_script_refuses_a_bad_batch_scheduling_value(tmp_path):

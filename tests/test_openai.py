@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import psutil
 import pytest
 import requests
 from helpers import MODEL, engine_core_pids, metric, metrics, run_script, wait_for
@@ -34,6 +35,17 @@ def test_models_lists_the_served_model(client, openai_service):
     assert [m.id for m in client.models.list()] == [MODEL]
     assert client.models.retrieve(MODEL).id == MODEL
     assert requests.get(f"{openai_service.url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.cpu
+def test_the_service_runs_under_sched_batch_on_the_cpu(openai_service):
+    # As the local server: a thread of the API that wakes up must not preempt the engine core.
+    service = psutil.Process(openai_service.process.pid)
+    processes = [service, *service.children(recursive=True)]
+    assert processes[0].cmdline()[1:3] == ["-m", "serving.openai_api"], processes[0].cmdline()
+    for process in processes:
+        policies = {os.sched_getscheduler(thread.id) for thread in process.threads()}
+        assert policies == {os.SCHED_BATCH}, (process.cmdline()[:3], policies)
 
 
 def test_completion_usage_counts_real_tokens(client, tokenizer):

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import requests
 
-from serving.tritonserver import ServerError, port_in_use, start_logged, stop_process_group, stop_recorded, wait_until
+from serving.tritonserver import (
+    ServerError,
+    batch_scheduled,
+    batch_scheduling_by_default,
+    port_in_use,
+    start_logged,
+    stop_process_group,
+    stop_recorded,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LOG = ROOT / "logs" / "openai.log"
@@ -38,6 +47,7 @@ class OpenAIService:
     triton_headers: dict[str, str] = field(default_factory=dict)
     log_file: Path = DEFAULT_LOG
     workers: int = 1
+    batch_scheduling: bool | None = None  # SCHED_BATCH, as the local server; None: when the engine runs on the CPU
     process: subprocess.Popen | None = None
 
     @property
@@ -50,11 +60,13 @@ class OpenAIService:
         cmd += ["--triton-url", self.triton_url, "--workers", str(self.workers)]
         for name, value in self.triton_headers.items():
             cmd += ["--triton-header", f"{name}={value}"]
-        return cmd
+        return batch_scheduled(cmd) if self.batch_scheduling else cmd
 
     def start(self, timeout_s: float = 60) -> OpenAIService:
         if port_in_use(self.host, self.port):
             raise ServerError(f"port {self.port} on {self.host} is already in use: stop the other service or set OPENAI_PORT")
+        if self.batch_scheduling is None:
+            self.batch_scheduling = batch_scheduling_by_default()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_API_KEY": self.api_key}  # the key never shows in ps
         self.process = start_logged(self.command(), self.log_file, env, cwd=ROOT)
         try:
@@ -93,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-file", type=Path, default=DEFAULT_LOG, help="service log, appended (default: logs/openai.log)")
     p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="where to record the pid (default: logs/openai.pid)")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for /health (default: %(default)s)")
+    p.add_argument(
+        "--batch-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the service under Linux's SCHED_BATCH policy, as the local server on the CPU, so that its "
+        "threads do not preempt the engine core (default: on where no NVIDIA GPU answers nvidia-smi)",
+    )
     p = sub.add_parser("stop", help="stop the service recorded in the pid file")
     p.add_argument("--pid-file", type=Path, default=DEFAULT_PID_FILE, help="pid file written by start")
     args = parser.parse_args(argv)
@@ -105,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     headers = {TRITON_KEY_HEADER: args.triton_api_key} if args.triton_api_key else {}
     service = OpenAIService(
         args.triton_url,
-        args.host,
-        args.port,
-        os.environ.get("OPENAI_API_KEY", ""),
-        headers,
-        args.log_file.resolve(),
-        args.workers,
+        host=args.host,
+        port=args.port,
+        api_key=os.environ.get("OPENAI_API_KEY", ""),
+        triton_headers=headers,
+        log_file=args.log_file.resolve(),
+        workers=args.workers,
+        batch_scheduling=args.batch_scheduling,
     )
     try:
         service.start(args.timeout)
