@@ -124,3 +124,11 @@ def engine_core_pids(server) -> list[int]:
 
     procs = psutil.Process(server.process.pid).children(recursive=True)
     return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
+
+
+def thread_policies(pid: int) -> list[tuple]:
+    """Each process of the tree under ``pid``, with the scheduling policies its threads run under."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return [(p, {os.sched_getscheduler(t.id) for t in p.threads()}) for p in [root, *root.children(recursive=True)]]

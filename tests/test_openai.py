@@ -8,10 +8,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-import psutil
 import pytest
 import requests
-from helpers import MODEL, engine_core_pids, metric, metrics, run_script, wait_for
+from helpers import MODEL, engine_core_pids, metric, metrics, run_script, thread_policies, wait_for
 
 from serving.openai_api.service import OpenAIService
 from serving.tritonserver import free_port
@@ -40,11 +39,9 @@ def test_models_lists_the_served_model(client, openai_service):
 @pytest.mark.cpu
 def test_the_service_runs_under_sched_batch_on_the_cpu(openai_service):
     # As the local server: a thread of the API that wakes up must not preempt the engine core.
-    service = psutil.Process(openai_service.process.pid)
-    processes = [service, *service.children(recursive=True)]
-    assert processes[0].cmdline()[1:3] == ["-m", "serving.openai_api"], processes[0].cmdline()
-    for process in processes:
-        policies = {os.sched_getscheduler(thread.id) for thread in process.threads()}
+    tree = thread_policies(openai_service.process.pid)
+    assert tree[0][0].cmdline()[1:3] == ["-m", "serving.openai_api"], tree[0][0].cmdline()
+    for process, policies in tree:
         assert policies == {os.SCHED_BATCH}, (process.cmdline()[:3], policies)
 
 

@@ -4,10 +4,9 @@ the CPU scheduling policy of the server's processes and the vLLM version the ser
 import os
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
-from helpers import MODEL, SERVER_VENV, start_server, vllm_version
+from helpers import MODEL, SERVER_VENV, start_server, thread_policies, vllm_version
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +48,11 @@ def test_the_engine_process_asks_for_amx(fresh_server):
 
 @pytest.mark.cpu
 def test_the_server_and_its_engine_run_under_sched_batch_on_the_cpu(fresh_server):
-    server = psutil.Process(fresh_server.process.pid)
-    processes = [server, *server.children(recursive=True)]
-    names = [p.name() for p in processes]
+    tree = thread_policies(fresh_server.process.pid)
+    names = [process.name() for process, _ in tree]
     assert names[0] == "tritonserver" and "triton_python_backend_stub" in names, names
-    assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p in processes), [p.cmdline()[:1] for p in processes]
-    for process in processes:
-        policies = {os.sched_getscheduler(thread.id) for thread in process.threads()}
+    assert any(p.cmdline()[:1] == ["VLLM::EngineCore"] for p, _ in tree), [p.cmdline()[:1] for p, _ in tree]
+    for process, policies in tree:
         assert policies == {os.SCHED_BATCH}, (process.name(), policies)
 
 
