@@ -17,8 +17,10 @@ token), ITL (gaps between streamed chunks), end-to-end latency (median, p99),
 output tokens/s and requests/s; the engine's own mean TPOT, from vLLM's metrics
 (taken from the engine core's timestamps, so it tells the engine's pace apart
 from the delivery's) and its steps per level, with the share that ran a prefill
-beside the decodes (a step with more tokens than streams); plus each server's
-start-up time to ready, resident memory and CPU scheduling policy. Prints a table, writes
+beside the decodes (a step with more tokens than streams); the CPU time per
+output token of each server's processes, of the client and of the engine core
+alone; plus each server's start-up time to ready, resident memory and CPU
+scheduling policy. Prints a table, writes
 results/benchmark.json and, when matplotlib is installed, results/benchmark.png.
 
   .venv/bin/python benchmarks/benchmark.py                      # CPU, tiny model
@@ -58,7 +60,7 @@ from serving.client import DEFAULT_MODEL  # noqa: E402
 from serving.grpc_client import use_polling_client  # noqa: E402
 from serving.model_config import cpu_engine_environment  # noqa: E402
 from serving.openai_api.service import OpenAIService  # noqa: E402
-from serving.tritonserver import LocalServer, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
+from serving.tritonserver import LocalServer, engine_core_cpu_s, free_port, stop_process_group, tree_cpu_s, tree_rss_mb  # noqa: E402
 
 TARGETS = ["triton-http", "triton-grpc", "openai", "engine", "vllm-serve"]
 TRITON_TARGETS = ("triton-http", "triton-grpc", "openai")
@@ -90,6 +92,7 @@ class Row:
     first_error: str | None = None
     server_cpu_us_per_tok: float | None = None
     client_cpu_us_per_tok: float | None = None
+    engine_cpu_us_per_tok: float | None = None
     engine_tpot_ms: float | None = None
     engine_steps: int | None = None
     engine_prefill_steps: int | None = None
@@ -324,15 +327,17 @@ def engine_sender(engine, output_len: int):
 
 
 class CpuMeter:
-    """CPU time of the server's process trees and of this process (the client) over one level."""
+    """CPU time of the server's process trees, of this process (the client) and of the engine cores among
+    the servers' processes, over one level."""
 
     def __init__(self, server_pid: int, client_separate: bool, *more_server_pids: int):
         self.server_pids = [server_pid, *more_server_pids]
         self.client_separate = client_separate
 
-    def read(self) -> tuple[float, float]:
+    def read(self) -> tuple[float, float, float]:
         client = time.process_time() if self.client_separate else 0.0
-        return sum(tree_cpu_s(pid) for pid in self.server_pids), client
+        server = sum(tree_cpu_s(pid) for pid in self.server_pids)
+        return server, client, sum(engine_core_cpu_s(pid) for pid in self.server_pids)
 
 
 # vLLM's histogram of each request's time per output token, then the model's older name for it.
@@ -393,15 +398,16 @@ async def in_process_totals() -> dict:
 
 async def run_measured(send, prompts, concurrency, meter: CpuMeter, name: str, engine_metrics=None) -> Row:
     before = await engine_metrics() if engine_metrics else None
-    server0, client0 = meter.read()
+    server0, client0, core0 = meter.read()
     samples, duration = await run_level(send, prompts, concurrency)
-    server1, client1 = meter.read()
+    server1, client1, core1 = meter.read()
     after = await engine_metrics() if engine_metrics else None
     row = summarize(name, concurrency, samples, duration)
     tokens = sum(s.output_tokens for s in samples if s.error is None)
     if tokens:
         row.server_cpu_us_per_tok = (server1 - server0) / tokens * 1e6
         row.client_cpu_us_per_tok = (client1 - client0) / tokens * 1e6 if meter.client_separate else None
+        row.engine_cpu_us_per_tok = (core1 - core0) / tokens * 1e6 if core1 else None
     if before and after:
         tpot0, tpot1 = engine_tpot_totals(before), engine_tpot_totals(after)
         if tpot0 and tpot1 and tpot1[1] > tpot0[1]:
@@ -620,7 +626,7 @@ def prefill_share(row: Row) -> str:
 def table(rows: list[Row]) -> str:
     head = (
         f"{'target':<12} {'conc':>4} {'req':>4} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'TTFT med':>9} {'TTFT p99':>9} "
-        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10} {'eng TPOT':>8} {'eng steps':>9} {'w/ prefill':>10}"
+        f"{'TPOT med':>9} {'ITL med':>8} {'E2E med':>8} {'srv us/tok':>10} {'cli us/tok':>10} {'eng us/tok':>10} {'eng TPOT':>8} {'eng steps':>9} {'w/ prefill':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -634,7 +640,7 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"{r.target:<12} {r.concurrency:>4} {r.requests:>4} {r.failed:>4} {r.output_tok_s:>10.1f} {r.req_s:>7.2f} "
             f"{ms(r.ttft_ms):>9} {ms(r.ttft_ms, 'p99'):>9} {ms(r.tpot_ms):>9} {ms(r.itl_ms):>8} {ms(r.e2e_ms):>8} "
-            f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10} "
+            f"{us(r.server_cpu_us_per_tok):>10} {us(r.client_cpu_us_per_tok):>10} {us(r.engine_cpu_us_per_tok):>10} "
             f"{f'{r.engine_tpot_ms:.1f}' if r.engine_tpot_ms is not None else '-':>8} "
             f"{r.engine_steps if r.engine_steps is not None else '-':>9} {prefill_share(r):>10}"
         )

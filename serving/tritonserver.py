@@ -334,7 +334,20 @@ def tree_rss_mb(pid: int) -> float:
 
 def tree_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and all its live descendants."""
-    return sum(_safe(lambda p: sum(p.cpu_times()[:2]), p) for p in _tree(pid))
+    return sum(_cpu_s(p) for p in _tree(pid))
+
+
+# vLLM's title for its engine core process, cut to the 15 characters of the kernel's process name.
+ENGINE_CORE_NAME = "VLLM::EngineCor"
+
+
+def engine_core_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by the vLLM engine core processes among a process's live descendants."""
+    return sum(_cpu_s(p) for p in _tree(pid)[1:] if str(_safe(lambda p: p.name(), p)).startswith(ENGINE_CORE_NAME))
+
+
+def _cpu_s(proc) -> float:
+    return _safe(lambda p: sum(p.cpu_times()[:2]), proc)
 
 
 def _safe(read, proc) -> float:

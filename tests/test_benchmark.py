@@ -167,6 +167,7 @@ def test_sender_counts_every_token_and_the_cpu_it_costs(server, protocol):
     assert row.output_tok_s * row.duration_s == pytest.approx(8 * OUTPUT_LEN)
     assert row.ttft_ms["median"] > 0 and row.e2e_ms["median"] >= row.ttft_ms["median"]
     assert row.server_cpu_us_per_tok > 0 and row.client_cpu_us_per_tok > 0
+    assert 0 < row.engine_cpu_us_per_tok < row.server_cpu_us_per_tok  # the engine core, one of the server's processes
 
 
 def test_openai_sender_counts_every_token_through_the_openai_api(server, openai_service):
@@ -217,7 +218,8 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
         assert row["failed"] == 0, row["first_error"]
         assert row["requests"] == 16 and len(row["tok_s_runs"]) == 2
         assert row["output_tok_s"] * row["duration_s"] == pytest.approx(16 * OUTPUT_LEN)
-        assert row["server_cpu_us_per_tok"] > 0
+        # the engine core found among each target's processes, its CPU a part of theirs
+        assert 0 < row["engine_cpu_us_per_tok"] < row["server_cpu_us_per_tok"], row["target"]
         # the engine's own time per token, read from its metrics: present, and shorter than a whole request
         assert 0 < row["engine_tpot_ms"] < row["e2e_ms"]["median"], row["target"]
         # its steps: 16 requests of OUTPUT_LEN tokens, two at a time; each prefill in a step of its own or shared
@@ -237,7 +239,7 @@ def test_whole_run_writes_table_json_and_plot(tiny_repository, tmp_path):
     assert result["servers"]["engine"]["policy"] == result["servers"]["vllm-serve"]["policy"] == "SCHED_OTHER"
     assert done.stdout.count("starting ...") == 4  # each target started once, not once a round
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
-    assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout and "eng TPOT" in done.stdout
+    assert "tok_s_vs_vllm-serve" in done.stdout and "srv us/tok" in done.stdout and "eng us/tok" in done.stdout
     if DEVICE == "cpu":  # every target's engine process asked for AMX, as the model's does
         assert "AMX tile permission" in done.stdout + done.stderr
         assert "AMX tile permission" in (tmp_path / "vllm-serve.log").read_text()

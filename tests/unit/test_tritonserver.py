@@ -1,5 +1,8 @@
 """How the local launcher builds tritonserver's command line."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +49,30 @@ def test_by_default_batch_scheduling_follows_the_engine_device(monkeypatch, tmp_
     with pytest.raises(tritonserver.ServerError, match="not started"):
         LocalServer.on_free_ports(Path("/models"), venv=tmp_path).start()
     assert (commands[0][0] == "/usr/bin/chrt") == expected
+
+
+BUSY_CHILD = """
+import ctypes, sys, time
+if sys.argv[1] == "core":
+    ctypes.CDLL(None).prctl(15, b"VLLM::EngineCore")  # PR_SET_NAME, as vLLM titles its engine core
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("done", flush=True)
+time.sleep(30)
+"""
+
+
+def test_engine_core_cpu_counts_only_the_engine_core_processes():
+    children = [subprocess.Popen([sys.executable, "-c", BUSY_CHILD, name], stdout=subprocess.PIPE) for name in ("core", "other")]
+    try:
+        for child in children:
+            assert child.stdout.readline() == b"done\n"
+        core = tritonserver.engine_core_cpu_s(os.getpid())
+        assert 0.3 <= core < 0.6  # the core's 0.3 s, not the other child's
+        assert tritonserver.tree_cpu_s(os.getpid()) >= core + 0.3
+        assert tritonserver.engine_core_cpu_s(children[1].pid) == 0
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
