@@ -343,20 +343,21 @@ ENGINE_CORE_NAME = "VLLM::EngineCor"
 
 def engine_core_cpu_s(pid: int) -> float:
     """CPU seconds used so far by the vLLM engine core processes among a process's live descendants."""
-    return sum(_cpu_s(p) for p in _tree(pid)[1:] if str(_safe(lambda p: p.name(), p)).startswith(ENGINE_CORE_NAME))
+    return sum(_cpu_s(p) for p in _tree(pid)[1:] if _safe(lambda p: p.name(), p, "").startswith(ENGINE_CORE_NAME))
 
 
 def _cpu_s(proc) -> float:
     return _safe(lambda p: sum(p.cpu_times()[:2]), proc)
 
 
-def _safe(read, proc) -> float:
+def _safe(read, proc, gone=0):
+    """read(proc), or ``gone`` if the process has ended."""
     import psutil
 
     try:
         return read(proc)
     except psutil.NoSuchProcess:
-        return 0
+        return gone
 
 
 def tail(path: Path, lines: int = 30) -> str:
