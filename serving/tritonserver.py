@@ -342,8 +342,8 @@ ENGINE_CORE_NAME = "VLLM::EngineCor"
 
 
 def engine_core_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by the vLLM engine core processes among a process's live descendants."""
-    return sum(_cpu_s(p) for p in _tree(pid)[1:] if _safe(lambda p: p.name(), p, "").startswith(ENGINE_CORE_NAME))
+    """CPU seconds used so far by the vLLM engine core processes among a process and its live descendants."""
+    return sum(_cpu_s(p) for p in _tree(pid) if _safe(lambda p: p.name(), p, "").startswith(ENGINE_CORE_NAME))
 
 
 def _cpu_s(proc) -> float:
