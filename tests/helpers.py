@@ -12,7 +12,7 @@ from pathlib import Path
 import requests
 
 from serving.client import DEFAULT_MODEL, iter_sse
-from serving.tritonserver import LocalServer
+from serving.tritonserver import ENGINE_CORE_NAME, LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = DEFAULT_MODEL  # the name prepare_qwen_pt.py gives the model by default
@@ -123,7 +123,7 @@ def engine_core_pids(server) -> list[int]:
     import psutil
 
     procs = psutil.Process(server.process.pid).children(recursive=True)
-    return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith("VLLM::EngineCor")]
+    return [p.pid for p in procs if "EngineCore" in " ".join(p.cmdline()) or p.name().startswith(ENGINE_CORE_NAME)]
 
 
 def thread_policies(pid: int) -> list[tuple]:
